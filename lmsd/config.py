@@ -1,0 +1,176 @@
+"""Paths (platformdirs, overridden by LMS_HOME) and the persisted daemon settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file lmsd and lms touch. One variable, LMS_HOME, moves them all."""
+
+    home: Path
+    models: Path
+
+    @property
+    def settings(self) -> Path:
+        return self.home / "settings.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "lmsd.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "lmsd.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        # Held (flock) for the whole life of a daemon: at most one daemon per LMS_HOME, and a crashed
+        # daemon's lock is released by the kernel, so a stale pid file or socket is recognisable.
+        return self.run_dir / "lmsd.lock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "lmsd.log"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Paths:
+        env = os.environ if environ is None else environ
+        if env.get("LMS_HOME"):
+            home = Path(env["LMS_HOME"]).expanduser().absolute()
+        else:
+            import platformdirs
+
+            home = Path(platformdirs.user_data_dir("lms", appauthor=False))
+        models = Path(env["LMS_MODELS_DIR"]).expanduser().absolute() if env.get("LMS_MODELS_DIR") else home / "models"
+        return cls(home=home, models=models)
+
+
+@dataclass
+class Settings:
+    """Persisted daemon settings. Each says its default, unit and edge values.
+
+    jit:          true. An inference request naming a downloaded, unloaded model loads it.
+                  false: such a request gets 404 model_not_found.
+    auto_evict:   true. Before a JIT load, every other JIT-loaded instance is drained and unloaded.
+                  Manually loaded instances are never evicted.
+    default_ttl:  3600 seconds (>= 1). The idle TTL of a JIT load whose request gave no `ttl`.
+    port:         1234. TCP port of the HTTP endpoint (1..65535).
+    bind:         "127.0.0.1". Address the HTTP endpoint listens on; "0.0.0.0" exposes it on the network.
+    cors:         false. Whether the HTTP endpoint answers cross-origin requests.
+    http_enabled: false. Whether the HTTP endpoint was running; restored on the next daemon start.
+    """
+
+    jit: bool = True
+    auto_evict: bool = True
+    default_ttl: int = 3600
+    port: int = 1234
+    bind: str = "127.0.0.1"
+    cors: bool = False
+    http_enabled: bool = False
+
+    def validate(self) -> None:
+        """Raises ValueError with a message a user can act on."""
+        if not isinstance(self.default_ttl, int) or isinstance(self.default_ttl, bool) or self.default_ttl < 1:
+            raise ValueError(f"default_ttl must be a whole number of seconds >= 1, got {self.default_ttl!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be a whole number from 1 to 65535, got {self.port!r}")
+        if not isinstance(self.bind, str) or not self.bind:
+            raise ValueError(f"bind must be an address such as 127.0.0.1, got {self.bind!r}")
+        for name in ("jit", "auto_evict", "cors", "http_enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+class SettingsStore:
+    """Loads and saves Settings to one JSON file, atomically (temp file + fsync + rename).
+
+    A file that cannot be read or parsed is never overwritten silently: the daemon runs on defaults and
+    says so (`warning`); the first change moves the bad file aside to `<name>.bad` and says where.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.warning = ""
+        self._bad_file = False
+        self.settings = self._load()
+
+    def _load(self) -> Settings:
+        try:
+            raw = self.path.read_text()
+        except FileNotFoundError:
+            return Settings()
+        except OSError as exc:
+            return self._fall_back(f"cannot read {self.path}: {exc.strerror or exc}")
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("top level is not an object")
+            known = {f.name for f in dataclasses.fields(Settings)}
+            settings = Settings(**{k: v for k, v in data.items() if k in known})
+            settings.validate()
+            return settings
+        except (ValueError, TypeError) as exc:
+            return self._fall_back(f"{self.path} is not valid settings ({exc})")
+
+    def _fall_back(self, why: str) -> Settings:
+        self.warning = f"{why}; running with default settings; the file is left as it is"
+        self._bad_file = True
+        log.warning("%s", self.warning)
+        return Settings()
+
+    def update(self, **changes: Any) -> Settings:
+        """Applies changes (validated first), persists them, and returns the settings now in force."""
+        candidate = dataclasses.replace(self.settings, **changes)
+        candidate.validate()
+        if self._bad_file:
+            aside = self.path.with_name(self.path.name + ".bad")
+            try:
+                os.replace(self.path, aside)
+                self.warning = f"the unreadable settings file was moved to {aside}"
+            except OSError:
+                self.warning = ""
+            log.warning("settings: %s", self.warning or "unreadable settings file replaced")
+            self._bad_file = False
+        self._write(candidate)
+        self.settings = candidate
+        return candidate
+
+    def _write(self, settings: Settings) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".settings.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(dataclasses.asdict(settings), f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise

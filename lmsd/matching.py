@@ -1,0 +1,40 @@
+"""Matching a user's model name against catalog keys. Pure functions: the CLI imports this too."""
+
+from __future__ import annotations
+
+import difflib
+
+
+def rank_matches(query: str, keys: list[str]) -> list[str]:
+    """Keys that `query` may mean, best first: exact, then prefix, then substring, then fuzzy.
+
+    Case-insensitive. An exact match is returned alone. Prefix and substring matches keep catalog order
+    among themselves but shorter keys first (the more specific the query, the better the fit).
+    """
+    q = query.strip().lower()
+    if not q:
+        return []
+    lowered = {k.lower(): k for k in keys}
+    if q in lowered:
+        return [lowered[q]]
+    # A key may carry a publisher/repo path; let the last part match too ("smollm2" ~ "pub/repo/smollm2").
+    def tail(k: str) -> str:
+        return k.rsplit("/", 1)[-1]
+
+    prefix = [k for k in keys if k.lower().startswith(q) or tail(k.lower()).startswith(q)]
+    substring = [k for k in keys if k not in prefix and q in k.lower()]
+    ranked = sorted(prefix, key=len) + sorted(substring, key=len)
+    if ranked:
+        return ranked
+    close = difflib.get_close_matches(q, list(lowered), n=5, cutoff=0.6)
+    return [lowered[c] for c in close]
+
+
+def is_unique_match(query: str, keys: list[str]) -> bool:
+    """True when the query names exactly one key by exact match or unique prefix (safe without asking)."""
+    q = query.strip().lower()
+    lowered = [k.lower() for k in keys]
+    if q in lowered:
+        return True
+    prefix = [k for k in lowered if k.startswith(q) or k.rsplit("/", 1)[-1].startswith(q)]
+    return len(prefix) == 1
