@@ -1,0 +1,59 @@
+"""Errors the daemon reports to clients. gRPC and HTTP each map `kind` to their own status codes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Kind = Literal["not_found", "invalid_argument", "failed_precondition", "resource_exhausted", "unavailable", "internal"]
+
+
+class LmsError(Exception):
+    """An error with a message a user can act on, printed as-is by the CLI."""
+
+    kind: Kind = "internal"
+    code: str = "internal_error"  # OpenAI-style error code for the HTTP endpoint
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ModelNotFound(LmsError):
+    kind = "not_found"
+    code = "model_not_found"
+
+
+class InvalidArgument(LmsError):
+    kind = "invalid_argument"
+    code = "invalid_request_error"
+
+
+class FailedPrecondition(LmsError):
+    kind = "failed_precondition"
+    code = "failed_precondition"
+
+
+class QueueFull(LmsError):
+    kind = "resource_exhausted"
+    code = "queue_full"
+
+
+class Unavailable(LmsError):
+    kind = "unavailable"
+    code = "unavailable"
+
+
+class ModelLoadFailed(LmsError):
+    """The worker could not load the file (corrupt GGUF, unsupported architecture, out of memory)."""
+
+    kind = "failed_precondition"
+    code = "model_load_failed"
+
+
+class WorkerGone(LmsError):
+    """The instance's worker ended while a request was using it: crash, or unload after the grace period."""
+
+    kind = "internal"
+    code = "worker_gone"
