@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from lmsd.catalog import AmbiguousModel, Catalog, ModelEntry
 from lmsd.config import Settings
@@ -51,7 +51,7 @@ class Worker(Protocol):
 
     pid: int
 
-    async def load(self, path: str, context_length: int, progress: ProgressFn) -> int:
+    async def load(self, path: str, context_length: int, progress: ProgressFn, *, embedding: bool = False) -> int:
         """Loads the model; returns the context length in force. Raises ModelLoadFailed."""
         ...
 
@@ -168,6 +168,7 @@ class Scheduler:
         wall_clock: Clock = time.time,
         parallel: int = 1,
         max_queue: int = 16,
+        offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
     ) -> None:
         self.catalog = catalog
         self.worker_factory = worker_factory
@@ -176,6 +177,7 @@ class Scheduler:
         self.wall_clock = wall_clock
         self.parallel = parallel  # requests one instance runs at once (the worker serves them in order)
         self.max_queue = max_queue  # requests one instance holds waiting; beyond this: QueueFull
+        self.offload = offload  # runs blocking work (catalog scans read files) off the event loop
         self._instances: dict[str, Instance] = {}  # identifier -> instance; changed only by this class
         self._changed = asyncio.Event()  # wakes the TTL driver when a deadline may have moved
         self._subscribers: set[asyncio.Queue[SchedulerEvent]] = set()
@@ -250,6 +252,11 @@ class Scheduler:
         if context_length < 0:
             raise InvalidArgument(f"context length must be a positive number of tokens, got {context_length}")
         entry = await self._resolve(model)
+        if context_length and entry.max_context_length and context_length > entry.max_context_length:
+            raise InvalidArgument(
+                f"context length {context_length} is beyond what '{entry.key}' was trained for "
+                f"({entry.max_context_length} tokens)"
+            )
         if identifier and identifier in self._instances:
             raise FailedPrecondition(
                 f"an instance with identifier '{identifier}' is already loaded; unload it or choose another"
@@ -261,7 +268,7 @@ class Scheduler:
 
     async def _resolve(self, model: str) -> ModelEntry:
         try:
-            entry = await asyncio.to_thread(self.catalog.resolve, model)
+            entry = await self.offload(self.catalog.resolve, model)
         except AmbiguousModel as exc:
             raise InvalidArgument(str(exc), code="model_ambiguous") from None
         except ValueError as exc:
@@ -290,6 +297,7 @@ class Scheduler:
         progress: ProgressFn | None,
     ) -> Instance:
         """Puts a `loading` instance in the table at once (so concurrent requests join it), loads it in a task."""
+        context_length = context_length or default_context_length(entry)
         inst = Instance(identifier=identifier, entry=entry, origin=origin, ttl=ttl, context_length=context_length)
         self._instances[identifier] = inst
         self._spawn(self._run_load(inst, progress))
@@ -302,7 +310,8 @@ class Scheduler:
             inst.worker = worker
             worker.on_exit(lambda why: self._on_worker_exit(inst, why))
             if not inst.draining:
-                n_ctx = await worker.load(inst.entry.path, inst.context_length, progress or (lambda _f: None))
+                n_ctx = await worker.load(inst.entry.path, inst.context_length, progress or (lambda _f: None),
+                                          embedding=inst.entry.type == "embedding")
         except Exception as exc:  # noqa: BLE001 - any load failure is reported to every waiter
             err = exc if isinstance(exc, LmsError) else ModelLoadFailed(f"cannot load '{inst.key}': {exc}")
             if not inst.draining:
@@ -556,6 +565,16 @@ class Scheduler:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+DEFAULT_CONTEXT_LENGTH = 4096
+
+
+def default_context_length(entry: ModelEntry) -> int:
+    """LM Studio's choice: 4096 tokens, or the model's own maximum when that is smaller."""
+    if entry.max_context_length:
+        return min(DEFAULT_CONTEXT_LENGTH, entry.max_context_length)
+    return DEFAULT_CONTEXT_LENGTH
 
 
 def _fail(fut: asyncio.Future[None], err: BaseException) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,12 @@ class Env:
         self.settings = Settings()
         self.catalog = StaticCatalog(["alpha", "beta", "gamma", "corrupt", "corrupt-header", "smollm2-135m-instruct"])
         self.scheduler = Scheduler(self.catalog, self.workers, lambda: self.settings, clock=self.clock,
-                                   wall_clock=self.clock, max_queue=3)
+                                   wall_clock=self.clock, max_queue=3, offload=inline)
+
+
+async def inline(fn: Any, *args: Any) -> Any:
+    """Runs the catalog lookup on the loop: the test decides every interleaving, no threads."""
+    return fn(*args)
 
 
 @pytest.fixture

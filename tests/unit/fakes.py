@@ -32,7 +32,8 @@ class FakeWorker:
         self.loaded_path: str | None = None
         self._exit_cb: Callable[[str], None] | None = None
 
-    async def load(self, path: str, context_length: int, progress: Callable[[float], None]) -> int:
+    async def load(self, path: str, context_length: int, progress: Callable[[float], None], *,
+                   embedding: bool = False) -> int:
         self.factory.loads.append(path)
         progress(0.5)
         if self.factory.gate is not None:

@@ -132,8 +132,7 @@ async def test_auto_evict_drains_other_jit_instances_but_never_manual(env: Env) 
     assert alpha.draining and not alpha.gone.is_set()  # drains: its running request is not cut off
     assert env.workers.workers[1].stopped is None
     assert len(env.workers.loads) == 2  # beta waits for alpha's memory
-    with pytest.raises(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(b_task), 0.01)
+    assert not b_task.done()
     env.scheduler.release(a)
     b = await b_task
     assert alpha.gone.is_set() and env.workers.workers[1].stopped

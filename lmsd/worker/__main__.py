@@ -1,0 +1,3 @@
+from lmsd.worker.process import main
+
+main()

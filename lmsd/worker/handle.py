@@ -1,0 +1,268 @@
+"""The daemon's side of a worker process: spawn, load, generate, embed, cancel, stop; death noticed at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from lmsd.errors import InvalidArgument, ModelLoadFailed, Unavailable, WorkerGone
+
+log = logging.getLogger(__name__)
+
+_READY_TIMEOUT = 120.0  # importing llama_cpp on a cold, busy machine can take a while
+_STOP_TIMEOUT = 3.0
+_LINE_LIMIT = 256 * 1024 * 1024  # one protocol line may carry a batch of embeddings
+_ids = itertools.count(1)
+
+
+class WorkerProcess:
+    """One `python -m lmsd.worker` child. Create with `await WorkerProcess.spawn(...)`."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._load: asyncio.Future[dict[str, Any]] | None = None
+        self._progress: Callable[[float], None] | None = None
+        self._requests: dict[str, asyncio.Queue[dict[str, Any]]] = {}  # request id -> its events
+        self._exit_callbacks: list[Callable[[str], None]] = []
+        self._stop_reason: str | None = None  # set when the daemon asked the worker to end
+        self.exited = asyncio.Event()
+        self.exit_why = ""
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def spawn(cls, log_file: Path | None = None) -> WorkerProcess:
+        stderr: Any = asyncio.subprocess.DEVNULL
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            stderr = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lmsd.worker",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                limit=_LINE_LIMIT,
+                start_new_session=True,  # a Ctrl-C in the daemon's terminal is the daemon's to handle
+            )
+        finally:
+            if log_file is not None:
+                stderr.close()
+        worker = cls(proc)
+        try:
+            await asyncio.wait_for(asyncio.shield(worker._ready), _READY_TIMEOUT)
+        except BaseException:
+            await worker.stop("worker did not start")
+            raise
+        return worker
+
+    # ---------------------------------------------------------------- protocol
+
+    def _send(self, **msg: Any) -> None:
+        if self.exited.is_set() or self.proc.stdin is None or self.proc.stdin.is_closing():
+            raise WorkerGone(self._stop_reason or f"the worker (pid {self.pid}) is gone: {self.exit_why}")
+        self.proc.stdin.write((json.dumps(msg, separators=(",", ":")) + "\n").encode())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            while True:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    break
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    log.warning("worker %s sent a malformed line", self.pid)
+                    continue
+                self._dispatch(event)
+        except (asyncio.LimitOverrunError, ValueError) as exc:
+            log.error("worker %s protocol failure: %s", self.pid, exc)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        code = await self.proc.wait()
+        self._on_exit(code)
+
+    def _dispatch(self, event: dict[str, Any]) -> None:
+        ev = event.get("ev")
+        if ev == "ready":
+            if not self._ready.done():
+                self._ready.set_result(None)
+        elif ev == "progress":
+            if self._progress is not None:
+                self._progress(float(event.get("fraction", 0.0)))
+        elif ev in ("loaded", "load_error"):
+            if self._load is not None and not self._load.done():
+                self._load.set_result(event)
+        else:
+            q = self._requests.get(str(event.get("id", "")))
+            if q is not None:
+                q.put_nowait(event)
+
+    def _on_exit(self, code: int) -> None:
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = str(-code)
+            self.exit_why = f"killed by {name}"
+        else:
+            self.exit_why = f"exited with code {code}"
+        self.exited.set()
+        gone = {"ev": "gone", "message": self._stop_reason or f"the worker (pid {self.pid}) {self.exit_why}"}
+        for q in self._requests.values():
+            q.put_nowait(gone)
+        if self._load is not None and not self._load.done():
+            self._load.set_result(gone)
+        if not self._ready.done():
+            self._ready.set_exception(Unavailable(f"the worker (pid {self.pid}) {self.exit_why} while starting"))
+        if self._stop_reason is None:
+            for cb in self._exit_callbacks:
+                cb(self.exit_why)
+
+    # ---------------------------------------------------------------- the Worker interface
+
+    def on_exit(self, callback: Callable[[str], None]) -> None:
+        self._exit_callbacks.append(callback)
+
+    async def load(self, path: str, context_length: int, progress: Callable[[float], None], *,
+                   embedding: bool = False) -> int:
+        self._progress = progress
+        self._load = asyncio.get_running_loop().create_future()
+        self._send(op="load", path=path, n_ctx=context_length, embedding=embedding)
+        result = await self._load
+        self._progress = None
+        if result.get("ev") == "load_error":
+            raise ModelLoadFailed(f"llama.cpp could not load {Path(path).name}: {result.get('message')}")
+        if result.get("ev") == "gone":
+            raise ModelLoadFailed(
+                f"the worker loading {Path(path).name} {self.exit_why} (a corrupt or unsupported model file?)"
+            )
+        return int(result["n_ctx"])
+
+    async def generate(self, kind: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yields `token` events, then a final `done` event. Leaving early cancels the generation."""
+        rid = str(next(_ids))
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._requests[rid] = q
+        finished = False
+        try:
+            self._send(op="generate", id=rid, kind=kind, params=params)
+            while True:
+                event = await q.get()
+                ev = event.get("ev")
+                if ev == "token":
+                    yield event
+                elif ev == "done":
+                    finished = True
+                    yield event
+                    return
+                elif ev == "gone":
+                    finished = True
+                    raise WorkerGone(str(event["message"]))
+                else:
+                    finished = True
+                    raise InvalidArgument(f"generation failed: {event.get('message')}")
+        finally:
+            self._requests.pop(rid, None)
+            if not finished:
+                with contextlib.suppress(WorkerGone):
+                    self._send(op="cancel", id=rid)
+
+    async def embed(self, inputs: list[str]) -> dict[str, Any]:
+        rid = str(next(_ids))
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._requests[rid] = q
+        try:
+            self._send(op="embed", id=rid, input=inputs)
+            event = await q.get()
+        finally:
+            self._requests.pop(rid, None)
+        if event.get("ev") == "embeddings":
+            return event
+        if event.get("ev") == "gone":
+            raise WorkerGone(str(event["message"]))
+        raise InvalidArgument(f"embedding failed: {event.get('message')}")
+
+    async def stop(self, reason: str) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        if not self.exited.is_set():
+            with contextlib.suppress(WorkerGone, ConnectionError, RuntimeError):
+                self._send(op="shutdown")
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.exited.wait(), _STOP_TIMEOUT)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.exited.wait()
+        await asyncio.shield(self._reader)
+
+    def memory_bytes(self) -> int:
+        if self.exited.is_set():
+            return 0
+        try:
+            import psutil
+
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except Exception:  # noqa: BLE001 - the process may end between the check and the read
+            return 0
+
+
+class WorkerPool:
+    """The worker factory the scheduler uses. Keeps one spare worker that has already imported llama_cpp,
+    so a load starts at once instead of paying the interpreter and library start-up."""
+
+    def __init__(self, log_file: Path | None, *, spare: bool = True) -> None:
+        self.log_file = log_file
+        self.spare_enabled = spare and os.environ.get("LMS_SPARE_WORKER", "1") != "0"
+        self._spare: asyncio.Task[WorkerProcess] | None = None
+        self._closed = False
+
+    def prestart(self) -> None:
+        if self.spare_enabled and not self._closed and self._spare is None:
+            self._spare = asyncio.ensure_future(WorkerProcess.spawn(self.log_file))
+
+    async def __call__(self) -> WorkerProcess:
+        if self._closed:
+            raise Unavailable("the daemon is shutting down")
+        spare, self._spare = self._spare, None
+        worker: WorkerProcess | None = None
+        if spare is not None:
+            try:
+                worker = await spare
+            except Exception as exc:  # noqa: BLE001 - a failed spare is replaced by a fresh spawn
+                log.warning("spare worker failed to start: %s", exc)
+            if worker is not None and worker.exited.is_set():
+                worker = None
+        if worker is None:
+            worker = await WorkerProcess.spawn(self.log_file)
+        self.prestart()
+        return worker
+
+    def spare_pid(self) -> int | None:
+        if self._spare is not None and self._spare.done() and not self._spare.exception():
+            return self._spare.result().pid
+        return None
+
+    async def close(self) -> None:
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            try:
+                worker = await spare
+            except Exception:  # noqa: BLE001
+                return
+            await worker.stop("daemon shutting down")

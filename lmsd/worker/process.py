@@ -1,0 +1,235 @@
+"""The worker process: owns one llama_cpp.Llama and serves the daemon over its stdin/stdout.
+
+Protocol: one JSON object per line. The daemon sends `{"op": ...}` commands; the worker answers with
+`{"ev": ...}` events. stdout is kept for the protocol alone: fd 1 is pointed at stderr at start-up, so
+anything llama.cpp or a library prints can never corrupt it.
+
+  ready            {"ev":"ready","pid":N}                        llama_cpp imported, waiting for "load"
+  load             {"op":"load","path","n_ctx","embedding"}  ->  progress* then loaded | load_error
+  generate         {"op":"generate","id","kind":"chat"|"completion","params":{...}}
+                                                             ->  token* then done | error
+  embed            {"op":"embed","id","input":[str]}         ->  embeddings | error
+  cancel           {"op":"cancel","id"}                          the generation stops before its next token
+  shutdown         {"op":"shutdown"}                             exit at once; the OS takes the memory back
+
+Requests go through one queue served by one engine thread, never by calling the model from the reader;
+continuous batching (several sequences at once) replaces the engine, not the protocol. When stdin closes
+(the daemon is gone) the worker exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+
+class Channel:
+    """Writes protocol events to the daemon; safe from any thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._out = os.fdopen(fd, "wb", buffering=0)
+        self._lock = threading.Lock()  # guards _out: the engine thread and the load callback both write
+
+    def send(self, **event: Any) -> None:
+        data = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            self._out.write(data)
+
+
+class Engine:
+    """Runs commands one at a time, in arrival order, on its own thread."""
+
+    def __init__(self, chan: Channel) -> None:
+        self.chan = chan
+        self.commands: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.cancelled: set[str] = set()  # request ids; set.add/discard are atomic under the GIL
+        self.llm: Any = None
+
+    def run(self) -> None:
+        while True:
+            msg = self.commands.get()
+            op = msg.get("op")
+            try:
+                if op == "load":
+                    self.load(msg)
+                elif op == "generate":
+                    self.generate(msg)
+                elif op == "embed":
+                    self.embed(msg)
+                else:
+                    self.chan.send(ev="error", id=msg.get("id", ""), message=f"unknown op {op!r}")
+            except Exception as exc:  # noqa: BLE001 - a bad request must never end the worker
+                detail = f"{type(exc).__name__}: {exc}"
+                if op == "load":
+                    self.chan.send(ev="load_error", message=detail)
+                else:
+                    self.chan.send(ev="error", id=msg.get("id", ""), message=detail)
+                print(traceback.format_exc(), file=sys.stderr)
+            finally:
+                self.cancelled.discard(msg.get("id", ""))
+
+    def load(self, msg: dict[str, Any]) -> None:
+        import llama_cpp
+        import llama_cpp.llama_cpp as lib
+
+        chan = self.chan
+        last = [0.0]
+
+        def on_progress(fraction: float, _user: object) -> bool:
+            if fraction - last[0] >= 0.02 or fraction >= 1.0:
+                last[0] = fraction
+                chan.send(ev="progress", fraction=round(float(fraction), 4))
+            return True  # keep loading
+
+        callback = lib.llama_progress_callback(on_progress)  # referenced until the load returns
+        default_params = lib.llama_model_default_params
+
+        def params_with_progress() -> Any:
+            params = default_params()
+            params.progress_callback = callback
+            return params
+
+        # Llama() takes no progress callback; it builds its model params from this function, so supply it
+        # for the duration of the load only.
+        lib.llama_model_default_params = params_with_progress
+        try:
+            started = time.perf_counter()
+            self.llm = llama_cpp.Llama(
+                model_path=msg["path"],
+                n_ctx=int(msg.get("n_ctx") or 0),
+                n_threads=_physical_cores(),
+                n_threads_batch=os.cpu_count() or 1,
+                embedding=bool(msg.get("embedding")),
+                verbose=False,
+            )
+        finally:
+            lib.llama_model_default_params = default_params
+        self.chan.send(
+            ev="loaded",
+            n_ctx=self.llm.n_ctx(),
+            n_ctx_train=self.llm.n_ctx_train(),
+            seconds=round(time.perf_counter() - started, 4),
+        )
+
+    def generate(self, msg: dict[str, Any]) -> None:
+        rid = msg["id"]
+        if self.llm is None:
+            raise RuntimeError("no model loaded")
+        params = dict(msg.get("params") or {})
+        if rid in self.cancelled:  # the client left while this request waited in the queue
+            self.chan.send(ev="done", id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0,
+                           time_to_first_token=0.0, generation_time=0.0)
+            return
+        counts = _TokenCounter()
+        params["logits_processor"] = counts  # sees every sampled token: exact usage for streams too
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        finish_reason = "stop"
+        text_parts = 0
+        chunks = self._stream(msg.get("kind", "completion"), params)
+        try:
+            for text, reason in chunks:
+                if rid in self.cancelled:
+                    finish_reason = "cancelled"
+                    break
+                if text:
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    text_parts += 1
+                    self.chan.send(ev="token", id=rid, text=text)
+                if reason:
+                    finish_reason = reason
+        finally:
+            chunks.close()  # stops llama.cpp before its next token when we broke out early
+        ended = time.perf_counter()
+        completion_tokens = max(0, counts.sampled - (1 if finish_reason == "stop" and counts.sampled else 0))
+        self.chan.send(
+            ev="done",
+            id=rid,
+            finish_reason=finish_reason,
+            prompt_tokens=counts.prompt_tokens,
+            completion_tokens=completion_tokens,
+            time_to_first_token=round((first_token_at or ended) - started, 6),
+            generation_time=round(ended - started, 6),
+        )
+
+    def _stream(self, kind: str, params: dict[str, Any]) -> Iterator[tuple[str, str | None]]:
+        if kind == "chat":
+            for chunk in self.llm.create_chat_completion(stream=True, **params):
+                choice = chunk["choices"][0]
+                yield choice.get("delta", {}).get("content") or "", choice.get("finish_reason")
+        else:
+            for chunk in self.llm.create_completion(stream=True, **params):
+                choice = chunk["choices"][0]
+                yield choice.get("text") or "", choice.get("finish_reason")
+
+    def embed(self, msg: dict[str, Any]) -> None:
+        if self.llm is None:
+            raise RuntimeError("no model loaded")
+        inputs = msg["input"]
+        result = self.llm.create_embedding(inputs)
+        vectors = [d["embedding"] for d in result["data"]]
+        self.chan.send(ev="embeddings", id=msg["id"], data=vectors,
+                       prompt_tokens=result.get("usage", {}).get("prompt_tokens", 0))
+
+
+class _TokenCounter:
+    """A logits processor that changes nothing and counts: prompt length and tokens sampled."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.sampled = 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.sampled == 0:
+            self.prompt_tokens = len(input_ids)
+        self.sampled += 1
+        return scores
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:  # noqa: BLE001
+        return max(1, os.cpu_count() or 1)
+
+
+def main() -> None:
+    proto_fd = os.dup(1)
+    os.dup2(2, 1)  # from now on, stray prints land in the worker log, never in the protocol
+    sys.stdout = sys.stderr
+    chan = Channel(proto_fd)
+    import llama_cpp  # noqa: F401 - imported now so a spare worker is warm before it is needed
+
+    engine = Engine(chan)
+    threading.Thread(target=engine.run, name="engine", daemon=True).start()
+    chan.send(ev="ready", pid=os.getpid())
+    for line in sys.stdin.buffer:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            chan.send(ev="error", id="", message="malformed command")
+            continue
+        op = msg.get("op")
+        if op == "shutdown":
+            break
+        if op == "cancel":
+            engine.cancelled.add(msg.get("id", ""))
+        else:
+            engine.commands.put(msg)
+    # The daemon asked us to stop, or is gone (stdin closed): exit now, whatever the engine is doing.
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
