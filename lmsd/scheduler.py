@@ -247,6 +247,22 @@ class Scheduler:
         progress: ProgressFn | None = None,
     ) -> Instance:
         """Loads a new instance of `model` (key, unique prefix or relative path) and waits until it is ready."""
+        inst = await self.begin_load(model, ttl=ttl, identifier=identifier, context_length=context_length,
+                                     origin=origin, progress=progress)
+        await asyncio.shield(inst.ready)
+        return inst
+
+    async def begin_load(
+        self,
+        model: str,
+        *,
+        ttl: int | None = None,
+        identifier: str = "",
+        context_length: int = 0,
+        origin: Origin = "manual",
+        progress: ProgressFn | None = None,
+    ) -> Instance:
+        """Starts loading a new instance and returns it while it loads; `instance.ready` tells the outcome."""
         self._check_open()
         _check_ttl(ttl)
         if context_length < 0:
@@ -261,10 +277,8 @@ class Scheduler:
             raise FailedPrecondition(
                 f"an instance with identifier '{identifier}' is already loaded; unload it or choose another"
             )
-        inst = self._start_load(entry, origin, ttl, identifier or self._next_identifier(entry.key), context_length,
+        return self._start_load(entry, origin, ttl, identifier or self._next_identifier(entry.key), context_length,
                                 progress)
-        await asyncio.shield(inst.ready)
-        return inst
 
     async def _resolve(self, model: str) -> ModelEntry:
         try:

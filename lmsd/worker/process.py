@@ -114,7 +114,6 @@ class Engine:
         self.chan.send(
             ev="loaded",
             n_ctx=self.llm.n_ctx(),
-            n_ctx_train=self.llm.n_ctx_train(),
             seconds=round(time.perf_counter() - started, 4),
         )
 
@@ -128,7 +127,10 @@ class Engine:
                            time_to_first_token=0.0, generation_time=0.0)
             return
         counts = _TokenCounter()
-        params["logits_processor"] = counts  # sees every sampled token: exact usage for streams too
+        import llama_cpp
+
+        # A pass-through logits processor sees every sampled token: exact usage for streams too.
+        params["logits_processor"] = llama_cpp.LogitsProcessorList([counts])
         started = time.perf_counter()
         first_token_at: float | None = None
         finish_reason = "stop"

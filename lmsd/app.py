@@ -1,0 +1,157 @@
+"""The daemon: start, serve the control plane, shut down in order.
+
+One daemon per LMS_HOME: a flock on run/lmsd.lock is held for the daemon's whole life. The kernel drops it
+when the process dies, however it dies, so a pid file or socket found while we hold the lock is stale and
+is removed. Signal handlers only set an event; shutdown then runs in order: refuse new work, drain and
+unload instances, end workers, stop gRPC, and remove the pid file and socket in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+
+from lmsd import __version__
+from lmsd.catalog import Catalog
+from lmsd.config import Paths, SettingsStore
+from lmsd.scheduler import Scheduler
+from lmsd.worker.handle import WorkerPool
+
+log = logging.getLogger("lmsd")
+
+SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish when the daemon stops
+EXIT_ALREADY_RUNNING = 4
+_MAX_UNIX_PATH = 107
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.started_at = time.time()
+        self.stopping = asyncio.Event()
+        self.settings_store = SettingsStore(paths.settings)
+        self.catalog = Catalog(paths.models, paths.cache_dir / "catalog.json")
+        self.pool = WorkerPool(paths.log_dir / "workers.log")
+        self.scheduler = Scheduler(self.catalog, self.pool, lambda: self.settings_store.settings)
+        self._lock_fd: int | None = None
+
+    # ---------------------------------------------------------------- single instance
+
+    def acquire_lock(self) -> None:
+        """Takes the LMS_HOME lock or raises AlreadyRunning; then clears stale state left by a crash."""
+        run = self.paths.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        os.chmod(run, 0o700)
+        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(f"lmsd is already running for {self.paths.home} (pid {_read_pid(self.paths)})")
+        self._lock_fd = fd
+        for stale in (self.paths.socket, self.paths.pid_file):
+            if stale.exists() or stale.is_symlink():
+                log.warning("removing stale %s left by a daemon that did not shut down cleanly", stale.name)
+                stale.unlink()
+
+    def release_lock(self) -> None:
+        for path in (self.paths.socket, self.paths.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---------------------------------------------------------------- run
+
+    async def run(self) -> None:
+        import grpc
+
+        from lmsd.api.v1 import control_pb2_grpc
+        from lmsd.control.servicer import ControlServicer
+
+        sock = str(self.paths.socket)
+        if len(sock) > _MAX_UNIX_PATH:
+            raise SystemExit(f"lmsd: the socket path {sock} is longer than Unix allows; use a shorter LMS_HOME")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self), server)
+        old_umask = os.umask(0o177)  # the socket is created 0600: only this user may drive the daemon
+        try:
+            server.add_insecure_port(f"unix:{sock}")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(sock, 0o600)
+        self.paths.pid_file.write_text(f"{os.getpid()}\n")
+        if self.settings_store.warning:
+            log.warning("settings: %s", self.settings_store.warning)
+        log.info("lmsd %s listening on %s (pid %d, models in %s)", __version__, sock, os.getpid(), self.paths.models)
+        self.pool.prestart()
+        timer = asyncio.ensure_future(self.scheduler.run_ttl_timer())
+        try:
+            await self.stopping.wait()
+            log.info("shutting down: draining requests (up to %ss)", SHUTDOWN_GRACE)
+            await self.scheduler.shutdown(grace=SHUTDOWN_GRACE)
+            await self.pool.close()
+        finally:
+            timer.cancel()
+            await server.stop(grace=1.0)
+            log.info("lmsd stopped")
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+
+def _read_pid(paths: Paths) -> str:
+    try:
+        return paths.pid_file.read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def setup_logging(paths: Paths) -> None:
+    paths.log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.handlers.RotatingFileHandler(paths.log_file, maxBytes=5 * 1024 * 1024, backupCount=3)
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    if sys.stderr.isatty():
+        console = logging.StreamHandler()
+        console.setFormatter(fmt)
+        root.addHandler(console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = Paths.from_env()
+    setup_logging(paths)
+
+    async def start() -> None:
+        daemon = Daemon(paths)
+        daemon.acquire_lock()
+        try:
+            await daemon.run()
+        finally:
+            daemon.release_lock()
+
+    try:
+        asyncio.run(start())
+    except AlreadyRunning as exc:
+        print(f"lmsd: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    return 0

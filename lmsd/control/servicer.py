@@ -1,0 +1,179 @@
+"""The gRPC control plane: thin translation between protobuf messages and scheduler calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from lmsd import __version__
+from lmsd.api.v1 import control_pb2 as pb
+from lmsd.api.v1 import control_pb2_grpc
+from lmsd.errors import LmsError
+from lmsd.scheduler import InstanceView, SchedulerEvent
+
+if TYPE_CHECKING:
+    from lmsd.app import Daemon
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+UNLOAD_GRACE = 10.0  # seconds `lms unload` lets running requests finish before ending them
+
+
+def instance_pb(v: InstanceView) -> pb.Instance:
+    msg = pb.Instance(
+        identifier=v.identifier, model=v.model, status=v.status, origin=v.origin, context_length=v.context_length,
+        size_bytes=v.size_bytes, memory_bytes=v.memory_bytes, pid=v.pid, in_flight=v.in_flight, queued=v.queued,
+        last_used_unix=v.last_used_unix, path=v.path,
+    )
+    if v.ttl_seconds is not None:
+        msg.ttl_seconds = v.ttl_seconds
+    if v.ttl_remaining_seconds is not None:
+        msg.ttl_remaining_seconds = v.ttl_remaining_seconds
+    return msg
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: LmsError) -> None:
+    await context.abort(_STATUS[exc.kind], exc.message)
+
+
+class ControlServicer(control_pb2_grpc.ControlServicer):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.scheduler = daemon.scheduler
+
+    async def Load(self, request: pb.LoadRequest, context: Any) -> AsyncIterator[pb.LoadEvent]:
+        progress: asyncio.Queue[float] = asyncio.Queue()
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        try:
+            inst = await self.scheduler.begin_load(
+                request.model, ttl=ttl, identifier=request.identifier, context_length=request.context_length,
+                progress=progress.put_nowait,
+            )
+        except LmsError as exc:
+            await _abort(context, exc)
+            return
+        try:
+            yield pb.LoadEvent(progress=pb.LoadProgress(fraction=0.0, stage="starting"))
+            while not inst.ready.done():
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({inst.ready, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield pb.LoadEvent(progress=pb.LoadProgress(fraction=getter.result(), stage="loading"))
+                else:
+                    getter.cancel()
+        except asyncio.CancelledError:
+            # The client went away (Ctrl-C on `lms load`): a load nobody waits for is abandoned.
+            if not inst.ready.done():
+                log.info("load of %s cancelled by the client", inst.identifier)
+                with contextlib.suppress(LmsError):
+                    await self.scheduler.unload(inst.identifier, reason="manual")
+            raise
+        error = inst.ready.exception()
+        if isinstance(error, LmsError):
+            await _abort(context, error)
+            return
+        yield pb.LoadEvent(instance=instance_pb(self.scheduler.view(inst)))
+
+    async def Unload(self, request: pb.UnloadRequest, context: Any) -> pb.UnloadResponse:
+        grace = request.grace_seconds if request.HasField("grace_seconds") else UNLOAD_GRACE
+        try:
+            if request.all:
+                ids = await self.scheduler.unload_all(reason="manual", grace=grace)
+            else:
+                await self.scheduler.unload(request.identifier, reason="manual", grace=grace)
+                ids = [request.identifier]
+        except LmsError as exc:
+            await _abort(context, exc)
+            return pb.UnloadResponse()
+        return pb.UnloadResponse(identifiers=ids)
+
+    async def ListLoaded(self, request: pb.ListLoadedRequest, context: Any) -> pb.ListLoadedResponse:
+        views = await asyncio.to_thread(self.scheduler.list_loaded)  # reads worker memory (psutil)
+        return pb.ListLoadedResponse(instances=[instance_pb(v) for v in views])
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        entries = await asyncio.to_thread(self.daemon.catalog.scan)
+        loaded = {i.entry.path for i in self.scheduler.instances()}
+        models = [
+            pb.ModelInfo(
+                key=e.key, path=e.rel_path, size_bytes=e.size_bytes, arch=e.arch, quantization=e.quantization,
+                params=e.params, max_context_length=e.max_context_length, type=e.type,
+                has_chat_template=e.has_chat_template, loaded=e.path in loaded, error=e.error,
+            )
+            for e in entries
+        ]
+        return pb.ListModelsResponse(models=models, models_dir=str(self.daemon.catalog.models_dir))
+
+    def _settings_pb(self) -> pb.Settings:
+        store = self.daemon.settings_store
+        s = store.settings
+        return pb.Settings(jit=s.jit, auto_evict=s.auto_evict, default_ttl=s.default_ttl, port=s.port, bind=s.bind,
+                           cors=s.cors, settings_path=str(store.path), warning=store.warning)
+
+    async def GetSettings(self, request: pb.GetSettingsRequest, context: Any) -> pb.Settings:
+        return self._settings_pb()
+
+    async def UpdateSettings(self, request: pb.UpdateSettingsRequest, context: Any) -> pb.Settings:
+        changes = {f: getattr(request, f) for f in ("jit", "auto_evict", "default_ttl", "port", "bind", "cors")
+                   if request.HasField(f)}
+        try:
+            self.daemon.settings_store.update(**changes)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"could not save settings to {self.daemon.settings_store.path}: "
+                                f"{exc.strerror or exc}; nothing was changed")
+        if changes:
+            log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            self.scheduler.emit(SchedulerEvent("settings", "", "", message=", ".join(
+                f"{k}={v}" for k, v in changes.items())))
+        return self._settings_pb()
+
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
+        queue = self.scheduler.subscribe()
+        try:
+            while True:
+                ev = await queue.get()
+                yield pb.Event(time_unix=ev.time_unix, kind=ev.kind, identifier=ev.identifier, model=ev.model,
+                               reason=ev.reason, message=ev.message, fields=ev.fields)
+        finally:
+            self.scheduler.unsubscribe(queue)
+
+    async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
+        return pb.HealthResponse(
+            status="shutting_down" if self.daemon.stopping.is_set() else "ok",
+            pid=os.getpid(),
+            uptime_seconds=time.time() - self.daemon.started_at,
+            loaded=len(self.scheduler.instances()),
+            lms_home=str(self.daemon.paths.home),
+        )
+
+    async def Version(self, request: pb.VersionRequest, context: Any) -> pb.VersionResponse:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            llama = version("llama-cpp-python")
+        except PackageNotFoundError:
+            llama = "not installed"
+        return pb.VersionResponse(version=__version__, llama_cpp_python=llama)
+
+    async def Shutdown(self, request: pb.ShutdownRequest, context: Any) -> pb.ShutdownResponse:
+        log.info("shutdown requested over the control socket")
+        asyncio.get_running_loop().call_soon(self.daemon.request_stop)
+        return pb.ShutdownResponse()
