@@ -1,0 +1,104 @@
+"""`lms daemon up|down|status`: the lmsd process itself."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Annotated
+
+import typer
+
+from lmscli.client import EXIT_UNREACHABLE, CliError, DaemonClient, boundary, probe
+from lmscli.output import err, format_duration, print_json, stdout
+
+app = typer.Typer(help="Start, stop and inspect the lmsd daemon.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+@app.command()
+@boundary
+def up() -> None:
+    """Start lmsd in the background; returns once it answers."""
+    client = DaemonClient()
+    if client.healthy():
+        err(f"lmsd is already running (pid {client.pid()})")
+        return
+    pid = client.start()
+    err(f"lmsd started (pid {pid}); socket {client.paths.socket}")
+
+
+@app.command()
+@boundary
+def down(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop.")] = 30.0,
+) -> None:
+    """Stop lmsd gracefully: running requests finish, models are unloaded, workers end."""
+    from lmsd.api.v1 import control_pb2 as pb
+
+    client = DaemonClient()
+    if not client.healthy():
+        err("lmsd is not running")
+        return
+    pid = client.pid()
+    client.stub.Shutdown(pb.ShutdownRequest(), timeout=10)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid) and probe(client.paths) == "absent":
+            err("lmsd stopped")
+            return
+        time.sleep(0.05)
+    raise CliError(f"lmsd (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+@app.command()
+@boundary
+def status(as_json: JsonOpt = False) -> None:
+    """Say whether lmsd runs, with its pid, uptime and loaded models."""
+    from lmsd.api.v1 import control_pb2 as pb
+
+    client = DaemonClient()
+    if not client.healthy():
+        state = probe(client.paths)
+        why = "its socket exists but nobody answers" if state == "refused" else "not running"
+        if as_json:
+            print_json({"running": False, "reason": why, "socket": str(client.paths.socket)})
+        else:
+            err(f"lmsd is {why} ({client.paths.socket}). Start it with `lms daemon up`.")
+        raise typer.Exit(EXIT_UNREACHABLE)
+    health = client.stub.Health(pb.HealthRequest(), timeout=5)
+    version = client.stub.Version(pb.VersionRequest(), timeout=5)
+    data = {
+        "running": True,
+        "pid": health.pid,
+        "uptime_seconds": round(health.uptime_seconds, 1),
+        "loaded": health.loaded,
+        "version": version.version,
+        "llama_cpp_python": version.llama_cpp_python,
+        "socket": str(client.paths.socket),
+        "lms_home": health.lms_home,
+    }
+    if as_json:
+        print_json(data)
+        return
+    stdout.print(
+        f"lmsd {data['version']} is running (pid {data['pid']}, up {format_duration(health.uptime_seconds)}, "
+        f"{data['loaded']} model(s) loaded)\nsocket {data['socket']}"
+    )
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

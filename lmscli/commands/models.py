@@ -1,0 +1,199 @@
+"""Model commands: load, unload, ps, ls, import, get."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmscli.client import EXIT_USAGE, CliError, boundary, connect
+from lmscli.durations import parse_ttl
+from lmscli.output import (
+    err,
+    format_duration,
+    info,
+    instance_json,
+    model_json,
+    print_instances,
+    print_json,
+    print_models,
+    stderr,
+    stdout,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _ttl(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_ttl(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _positive(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise typer.BadParameter("must be a positive number of tokens")
+    return value
+
+
+@boundary
+def load(
+    model: Annotated[str, typer.Argument(help="Model key, a prefix of one, or a path inside the models folder.")],
+    ttl: Annotated[
+        str | None, typer.Option("--ttl", callback=_ttl, help="Unload after this long idle: 3600, 90s, 5m, 1h.")
+    ] = None,
+    identifier: Annotated[str | None, typer.Option("--identifier", help="Name to use for this instance.")] = None,
+    context_length: Annotated[
+        int | None, typer.Option("--context-length", "-c", callback=_positive, help="Context length in tokens.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Take the best match without asking.")] = False,
+) -> None:
+    """Load a model; prints the identifier to use with the API."""
+    from lmsd.api.v1 import control_pb2 as pb
+
+    client = connect()
+    listing = client.stub.ListModels(pb.ListModelsRequest(), timeout=60)
+    key = _choose_model(model, [m.key for m in listing.models], yes, listing.models_dir)
+    request = pb.LoadRequest(model=key, identifier=identifier or "", context_length=context_length or 0)
+    if ttl is not None:
+        request.ttl_seconds = int(ttl)
+    instance = None
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("Loading {task.fields[model]}"), BarColumn(), TaskProgressColumn(),
+                  TimeElapsedColumn(), console=stderr, transient=True,
+                  disable=not stderr.is_terminal) as bar:
+        task = bar.add_task("load", total=1.0, model=key)
+        for event in client.stub.Load(request):
+            if event.HasField("progress"):
+                bar.update(task, completed=event.progress.fraction)
+            else:
+                instance = event.instance
+    if instance is None:
+        raise CliError(f"the daemon ended the load of {key} without an answer")
+    ttl_text = f", idle TTL {format_duration(int(ttl))}" if ttl else ""
+    err(f"Loaded {instance.model} as '{instance.identifier}' (context {instance.context_length}{ttl_text}). "
+        f"Use the identifier '{instance.identifier}' in API requests.")
+    stdout.print(instance.identifier, markup=False)
+
+
+def _choose_model(query: str, keys: list[str], yes: bool, models_dir: str) -> str:
+    """The key the user means; asks when it is ambiguous and nobody said -y."""
+    from lmsd.matching import is_unique_match, rank_matches
+
+    if "/" in query and query.lower().endswith(".gguf"):
+        return query  # a path inside the models folder: the daemon resolves (and polices) it
+    ranked = rank_matches(query, keys)
+    if not ranked:
+        raise CliError(f"no model matches '{query}' in {models_dir}. See `lms ls`, or fetch one with `lms get`.")
+    if is_unique_match(query, keys) or yes:
+        return ranked[0]
+    if not sys.stdin.isatty():
+        raise CliError(
+            f"'{query}' is ambiguous; it could be: {', '.join(ranked[:8])}. "
+            "Name one exactly, or pass -y to take the first.",
+            EXIT_USAGE,
+        )
+    from rich.prompt import IntPrompt
+
+    stderr.print(f"'{query}' matches several models:")
+    for n, key in enumerate(ranked[:9], 1):
+        stderr.print(f"  {n}. {key}", markup=False)
+    choice = IntPrompt.ask("Load which one", console=stderr, choices=[str(n) for n in range(1, len(ranked[:9]) + 1)],
+                           default=1)
+    return ranked[choice - 1]
+
+
+@boundary
+def unload(
+    identifier: Annotated[str | None, typer.Argument(help="Identifier from `lms ps`.")] = None,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Unload every loaded model.")] = False,
+    grace: Annotated[
+        float, typer.Option("--grace", min=0, help="Seconds running requests may take to finish before they end.")
+    ] = 10.0,
+) -> None:
+    """Unload a model (running requests finish first, up to --grace seconds)."""
+    from lmsd.api.v1 import control_pb2 as pb
+
+    if identifier and all_:
+        raise CliError("give an identifier or --all, not both", EXIT_USAGE)
+    client = connect()
+    if not identifier and not all_:
+        loaded = [i.identifier for i in client.stub.ListLoaded(pb.ListLoadedRequest(), timeout=10).instances]
+        if not loaded:
+            info("No models are loaded.")
+            return
+        if len(loaded) > 1 or not sys.stdin.isatty():
+            raise CliError(f"which one? Loaded: {', '.join(loaded)}. Give an identifier, or --all.", EXIT_USAGE)
+        identifier = loaded[0]
+    response = client.stub.Unload(pb.UnloadRequest(identifier=identifier or "", all=all_, grace_seconds=grace),
+                                  timeout=grace + 60)
+    if not response.identifiers:
+        info("No models are loaded.")
+    for ident in response.identifiers:
+        err(f"Unloaded '{ident}'")
+
+
+@boundary
+def ps(as_json: JsonOpt = False) -> None:
+    """List loaded models with their status, memory and idle TTL."""
+    from lmsd.api.v1 import control_pb2 as pb
+
+    instances = list(connect().stub.ListLoaded(pb.ListLoadedRequest(), timeout=10).instances)
+    if as_json:
+        print_json([instance_json(i) for i in instances])
+    else:
+        print_instances(instances)
+
+
+@boundary
+def ls(as_json: JsonOpt = False) -> None:
+    """List downloaded models (GGUF files under the models folder)."""
+    from lmsd.api.v1 import control_pb2 as pb
+
+    listing = connect().stub.ListModels(pb.ListModelsRequest(), timeout=120)
+    if as_json:
+        print_json([model_json(m) for m in listing.models])
+    else:
+        print_models(list(listing.models), listing.models_dir)
+
+
+@boundary
+def import_(
+    path: Annotated[Path, typer.Argument(help="A .gguf file to add to the models folder.")],
+    mode: Annotated[str, typer.Option("--mode", help="copy, move, or link (symlink).")] = "copy",
+    user_repo: Annotated[
+        str | None, typer.Option("--user-repo", help="Place it at <publisher>/<repo>/ in the models folder.")
+    ] = None,
+) -> None:
+    """Add a GGUF file to the models folder."""
+    from lmscli.fetch import import_model
+
+    if mode not in ("copy", "move", "link"):
+        raise CliError(f"--mode must be copy, move or link, not '{mode}'", EXIT_USAGE)
+    dest = import_model(path, mode=mode, user_repo=user_repo)
+    err(f"Imported {path.name} to {dest}")
+    stdout.print(str(dest), markup=False)
+
+
+@boundary
+def get(name: Annotated[str, typer.Argument(help="What to fetch, e.g. smollm2-135m-instruct.")]) -> None:
+    """Fetch a model into the models folder."""
+    from lmscli.fetch import fetch_model
+
+    dest = fetch_model(name)
+    stdout.print(str(dest), markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("load")(load)
+    app.command("unload")(unload)
+    app.command("ps")(ps)
+    app.command("ls")(ls)
+    app.command("import")(import_)
+    app.command("get")(get)

@@ -1,0 +1,179 @@
+"""Everything the CLI shows: Rich tables for people, stable JSON for scripts. Data on stdout, messages on stderr.
+
+JSON field names are a documented interface (docs/cli.md): add fields, never rename or remove them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# Off a terminal (pipes, scripts, tests) Rich would assume 80 columns and cut table cells; use room instead.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
+
+
+def err(message: str) -> None:
+    stderr.print(message, markup=False)
+
+
+def info(message: str) -> None:
+    stderr.print(message, markup=False, style="dim" if stderr.is_terminal else None)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def format_duration(seconds: float) -> str:
+    """`3599` -> `59m 59s`, `3600` -> `1h`, `90` -> `1m 30s`, `5` -> `5s`. Whole seconds, at most two units."""
+    s = max(0, int(round(seconds)))
+    units = [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)]
+    parts = []
+    for name, size in units:
+        if s >= size:
+            parts.append(f"{s // size}{name}")
+            s %= size
+    return " ".join(parts[:2]) if parts else "0s"
+
+
+def format_bytes(n: int) -> str:
+    if n <= 0:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def format_params(n: int) -> str:
+    if n <= 0:
+        return "-"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}".replace(".0", "")
+    return str(n)
+
+
+# ---------------------------------------------------------------- lms ps
+
+
+def instance_json(i: Any) -> dict[str, Any]:
+    return {
+        "identifier": i.identifier,
+        "model": i.model,
+        "status": i.status,
+        "origin": i.origin,
+        "ttl_seconds": i.ttl_seconds if i.HasField("ttl_seconds") else None,
+        "ttl_remaining_seconds": round(i.ttl_remaining_seconds, 1) if i.HasField("ttl_remaining_seconds") else None,
+        "context_length": i.context_length,
+        "size_bytes": i.size_bytes,
+        "memory_bytes": i.memory_bytes,
+        "pid": i.pid,
+        "in_flight": i.in_flight,
+        "queued": i.queued,
+    }
+
+
+def ttl_cell(i: Any) -> str:
+    if not i.HasField("ttl_seconds"):
+        return "-"
+    total = format_duration(i.ttl_seconds)
+    if i.status != "idle":
+        return f"{total} (paused while {i.status})"
+    return f"{format_duration(i.ttl_remaining_seconds)} / {total}"
+
+
+def print_instances(instances: list[Any]) -> None:
+    if not instances:
+        info("No models are loaded. Load one with `lms load <model>`.")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("IDENTIFIER", "MODEL", "STATUS", "ORIGIN", "SIZE", "MEMORY", "CONTEXT", "TTL"):
+        table.add_column(col, no_wrap=True)
+    for i in instances:
+        status = i.status
+        if i.in_flight or i.queued:
+            status += f" ({i.in_flight} running, {i.queued} queued)"
+        table.add_row(i.identifier, i.model, status, i.origin, format_bytes(i.size_bytes),
+                      format_bytes(i.memory_bytes), str(i.context_length), ttl_cell(i))
+    stdout.print(table)
+
+
+# ---------------------------------------------------------------- lms ls
+
+
+def model_json(m: Any) -> dict[str, Any]:
+    return {
+        "key": m.key,
+        "path": m.path,
+        "size_bytes": m.size_bytes,
+        "arch": m.arch or None,
+        "quantization": m.quantization or None,
+        "params": m.params or None,
+        "max_context_length": m.max_context_length or None,
+        "type": m.type,
+        "loaded": m.loaded,
+        "error": m.error or None,
+    }
+
+
+def print_models(models: list[Any], models_dir: str) -> None:
+    if not models:
+        info(f"No models in {models_dir}. Fetch one with `lms get smollm2-135m-instruct` or `lms import <file>`.")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("MODEL", "PARAMS", "ARCH", "QUANT", "SIZE", "CONTEXT", "TYPE", "LOADED"):
+        table.add_column(col, no_wrap=col != "MODEL")
+    for m in models:
+        if m.error:
+            table.add_row(m.key, "-", "-", "-", format_bytes(m.size_bytes), "-", "[red]unreadable[/red]", "")
+            continue
+        table.add_row(m.key, format_params(m.params), m.arch, m.quantization, format_bytes(m.size_bytes),
+                      str(m.max_context_length or "-"), m.type, "✓" if m.loaded else "")
+    stdout.print(table)
+    bad = [m for m in models if m.error]
+    for m in bad:
+        err(f"warning: {m.path} cannot be used: {m.error}")
+    info(f"{len(models) - len(bad)} model(s) in {models_dir}")
+
+
+# ---------------------------------------------------------------- lms server settings
+
+
+def settings_json(s: Any) -> dict[str, Any]:
+    return {
+        "jit": s.jit,
+        "auto_evict": s.auto_evict,
+        "default_ttl": s.default_ttl,
+        "port": s.port,
+        "bind": s.bind,
+        "cors": s.cors,
+        "api_key_set": s.api_key_set,
+    }
+
+
+def print_settings(s: Any) -> None:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column("setting", style="bold")
+    table.add_column("value")
+    table.add_column("meaning", style="dim")
+    table.add_row("jit", _on(s.jit), "requests for an unloaded model load it just in time")
+    table.add_row("auto_evict", _on(s.auto_evict), "a JIT load first unloads other JIT-loaded models")
+    table.add_row("default_ttl", f"{format_duration(s.default_ttl)} ({s.default_ttl}s)", "idle TTL of JIT loads")
+    table.add_row("port", str(s.port), "HTTP endpoint port")
+    table.add_row("bind", s.bind, "HTTP endpoint address")
+    table.add_row("cors", _on(s.cors), "answer cross-origin HTTP requests")
+    stdout.print(table)
+    if s.warning:
+        err(f"warning: {s.warning}")
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
