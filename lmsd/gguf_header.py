@@ -54,7 +54,7 @@ def _string(f: BinaryIO) -> str:
     return _read(f, n).decode("utf-8", errors="replace")
 
 
-def _value(f: BinaryIO, vtype: int) -> Any:
+def _value(f: BinaryIO, vtype: int, keep: bool = False) -> Any:
     if vtype in _SCALARS:
         return _unpack(f, _SCALARS[vtype])
     if vtype == _STRING:
@@ -64,7 +64,7 @@ def _value(f: BinaryIO, vtype: int) -> Any:
         count = _unpack(f, "<Q")
         if count > _MAX_COUNT:
             raise GGUFError(f"implausible array length {count} in header (corrupt file)")
-        if count <= _KEEP_ARRAY_MAX:
+        if count <= _KEEP_ARRAY_MAX or keep:
             return [_value(f, etype) for _ in range(count)]
         if etype in _SCALARS:
             f.seek(count * struct.calcsize(_SCALARS[etype]), 1)
@@ -86,8 +86,11 @@ class _SkippedArray:
     length: int
 
 
-def read_header(path: Path) -> GGUFHeader:
-    """Parses the header of the GGUF file at path. Raises GGUFError (or OSError) on failure."""
+def read_header(path: Path, keep_arrays: frozenset[str] = frozenset()) -> GGUFHeader:
+    """Parses the header of the GGUF file at path. Raises GGUFError (or OSError) on failure.
+
+    Long arrays are skipped unless their key is in keep_arrays.
+    """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     file_size = path.stat().st_size
@@ -104,7 +107,7 @@ def read_header(path: Path) -> GGUFHeader:
         header = GGUFHeader(version=version, tensor_count=tensor_count)
         for _ in range(kv_count):
             key = _string(f)
-            header.fields[key] = _value(f, _unpack(f, "<I"))
+            header.fields[key] = _value(f, _unpack(f, "<I"), key in keep_arrays)
         data_end = 0
         for _ in range(tensor_count):
             _string(f)

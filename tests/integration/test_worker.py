@@ -1,0 +1,99 @@
+"""The real worker process running real llama.cpp, driven through the daemon's handle."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from lmsd.errors import ModelLoadFailed, WorkerGone
+from lmsd.worker.handle import WorkerProcess
+from tests.conftest import pid_alive
+
+
+async def collect(worker: WorkerProcess, kind: str, params: dict) -> tuple[str, dict]:
+    text = []
+    done: dict = {}
+    async for ev in worker.generate(kind, params):
+        if ev["ev"] == "token":
+            text.append(ev["text"])
+        else:
+            done = ev
+    return "".join(text), done
+
+
+async def test_tiny_model_chat_stream_with_exact_usage(tiny_file: Path, tmp_path: Path) -> None:
+    worker = await WorkerProcess.spawn(tmp_path / "workers.log")
+    progress: list[float] = []
+    try:
+        n_ctx = await worker.load(str(tiny_file), 512, progress.append)
+        assert n_ctx == 512
+        assert progress and progress[-1] == pytest.approx(1.0)
+        assert worker.memory_bytes() > 10 * 1024 * 1024
+        text, done = await collect(worker, "chat", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 12, "temperature": 0})
+        assert text
+        assert done["prompt_tokens"] > 5
+        assert 1 <= done["completion_tokens"] <= 13
+        assert done["finish_reason"] in ("length", "stop")
+    finally:
+        await worker.stop("test over")
+    assert not pid_alive(worker.pid)
+
+
+async def test_cancel_stops_generation_and_worker_serves_next(tiny_file: Path) -> None:
+    worker = await WorkerProcess.spawn()
+    try:
+        await worker.load(str(tiny_file), 512, lambda f: None)
+        received = 0
+        stream = worker.generate("completion", {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0})
+        async for ev in stream:
+            received += 1
+            if received == 3:
+                break
+        await stream.aclose()
+        # The next request runs at once and completes: the cancelled one did not keep the engine busy.
+        text, done = await asyncio.wait_for(collect(worker, "completion", {"prompt": "Hello", "max_tokens": 4}), 30)
+        assert done["finish_reason"] in ("length", "stop")
+    finally:
+        await worker.stop("test over")
+
+
+async def test_smollm2_answers_with_real_text(smollm2_file: Path) -> None:
+    worker = await WorkerProcess.spawn()
+    try:
+        await worker.load(str(smollm2_file), 1024, lambda f: None)
+        prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        text, done = await collect(worker, "completion", {"prompt": prompt, "max_tokens": 16, "temperature": 0})
+        assert "Paris" in text
+        assert done["completion_tokens"] >= 3
+    finally:
+        await worker.stop("test over")
+
+
+async def test_unloadable_model_fails_clearly_and_the_worker_lives(tmp_path: Path) -> None:
+    bad = tmp_path / "nonsense.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(4096))
+    worker = await WorkerProcess.spawn()
+    try:
+        with pytest.raises(ModelLoadFailed, match="nonsense.gguf"):
+            await worker.load(str(bad), 512, lambda f: None)
+    finally:
+        await worker.stop("test over")
+
+
+async def test_killed_worker_fails_running_request_and_reports_exit(tiny_file: Path) -> None:
+    worker = await WorkerProcess.spawn()
+    exits: list[str] = []
+    worker.on_exit(exits.append)
+    await worker.load(str(tiny_file), 512, lambda f: None)
+    stream = worker.generate("completion", {"prompt": "Once", "max_tokens": 100000, "temperature": 0,
+                                            "stop": []})
+    with pytest.raises(WorkerGone, match="SIGKILL"):
+        async for _ev in stream:
+            os.kill(worker.pid, signal.SIGKILL)
+    await asyncio.wait_for(worker.exited.wait(), 10)
+    assert exits == ["killed by SIGKILL"]
