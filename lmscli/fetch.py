@@ -164,3 +164,11 @@ def _copy(src: Path, dest: Path) -> None:
     with open(src, "rb") as f:
         write_atomically(f, dest, src.stat().st_size, expect_sha256=None, label=src.name)
     shutil.copystat(src, dest)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,211 @@
+"""End to end: the real lmsd, driven by the real `lms` as a subprocess, in an isolated LMS_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMOLLM2_DEST, SMOLLM2_KEY, TINY_KEY, TINY_NAME, Home, Lms, pid_alive, wait_until
+
+
+def loaded(lms: Lms) -> list[dict]:
+    return lms.json("ps")
+
+
+def test_get_ls_load_ps_unload_with_smollm2(home: Home, lms: Lms, smollm2_file: Path) -> None:
+    got = lms("get", "smollm2-135m-instruct", check=True)
+    assert Path(got.stdout.strip()) == home.models / SMOLLM2_DEST
+    first = lms("ls", "--json", check=True)
+    assert "lmsd is not running; starting it" in first.stderr  # autostart, said on stderr
+    models = json.loads(first.stdout)
+    assert [m["key"] for m in models] == [SMOLLM2_KEY]
+    m = models[0]
+    assert (m["arch"], m["quantization"], m["max_context_length"], m["type"], m["loaded"]) == (
+        "llama", "Q4_1", 8192, "llm", False)
+    assert m["params"] == 134515008 and m["size_bytes"] == 98362432
+
+    out = lms("load", SMOLLM2_KEY, "--ttl", "3600", check=True)
+    assert out.stdout.strip() == SMOLLM2_KEY  # the identifier to use, alone on stdout
+
+    table = lms("ps", check=True).stdout
+    assert re.search(r"smollm2-135m-instruct\s+smollm2-135m-instruct\s+idle\s+manual", table)
+    assert re.search(r"(59m 5\ds|1h) / 1h", table), table
+    [inst] = loaded(lms)
+    assert set(inst) == {"identifier", "model", "status", "origin", "ttl_seconds", "ttl_remaining_seconds",
+                         "context_length", "size_bytes", "memory_bytes", "pid", "in_flight", "queued"}
+    assert inst["ttl_seconds"] == 3600 and inst["origin"] == "manual" and inst["memory_bytes"] > 50_000_000
+    assert lms.json("ls")[0]["loaded"] is True
+
+    lms("unload", SMOLLM2_KEY, check=True)
+    assert loaded(lms) == []
+    assert not pid_alive(inst["pid"])  # the worker process, and its memory, are gone
+
+
+def test_ttl_expiry_and_unload_all(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    lms("daemon", "up", check=True)
+    assert lms("load", TINY_KEY, "--ttl", "2", check=True).stdout.strip() == TINY_KEY
+    lms("load", TINY_KEY, check=True)  # a second instance, no TTL
+    ps = {i["identifier"]: i for i in loaded(lms)}
+    assert set(ps) == {TINY_KEY, f"{TINY_KEY}:2"}
+    assert ps[f"{TINY_KEY}:2"]["ttl_seconds"] is None
+    expiring_pid = ps[TINY_KEY]["pid"]
+    wait_until(lambda: [i["identifier"] for i in loaded(lms)] == [f"{TINY_KEY}:2"], timeout=15,
+               what="the 2 s TTL to expire")
+    assert not pid_alive(expiring_pid)
+    assert "TTL of lms-tiny-test (2s) ran out" in (home.root / "logs" / "lmsd.log").read_text()
+    lms("load", TINY_KEY, "--identifier", "mine", check=True)
+    out = lms("unload", "--all", check=True)
+    assert "mine" in out.stderr and loaded(lms) == []
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "abc", "1.5.2", "1.5", "5x"])
+def test_bad_ttl_is_a_usage_error_and_loads_nothing(home: Home, lms: Lms, tiny_file: Path, ttl: str) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    out = lms("load", TINY_KEY, f"--ttl={ttl}")
+    assert out.returncode == 2
+    assert "is not a TTL" in out.stderr and "90s, 5m, 1h" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (home.root / "run" / "lmsd.sock").exists()  # rejected before anything reached a daemon
+
+
+def test_ttl_units_are_accepted(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    for text, seconds in (("90s", 90), ("5m", 300), ("1h", 3600)):
+        lms("load", TINY_KEY, "--ttl", text, "--identifier", text, check=True)
+        assert {i["identifier"]: i["ttl_seconds"] for i in loaded(lms)}[text] == seconds
+
+
+def test_unknown_and_ambiguous_models(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, "test/a/lms-tiny-alpha.F16.gguf")
+    home.add(tiny_file, "test/b/lms-tiny-beta.F16.gguf")
+    out = lms("load", "no-such-model")
+    assert out.returncode == 1 and "no model matches 'no-such-model'" in out.stderr
+    out = lms("load", "lms-tiny")
+    assert out.returncode == 2
+    assert "ambiguous" in out.stderr and "lms-tiny-alpha" in out.stderr and "lms-tiny-beta" in out.stderr
+    assert loaded(lms) == []
+    out = lms("load", "lms-tiny", "-y", check=True)
+    assert out.stdout.strip() in ("lms-tiny-alpha", "lms-tiny-beta")
+    assert lms("load", "lms-tiny-a", check=True).stdout.strip() == "lms-tiny-alpha"  # unique prefix
+
+
+def test_corrupt_and_truncated_gguf(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    truncated = home.models / "broken" / "truncated.F16.gguf"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes(tiny_file.read_bytes()[: tiny_file.stat().st_size // 2])
+    (home.models / "broken" / "garbage.gguf").write_bytes(b"not a model at all" * 100)
+    ls = {m["key"]: m for m in lms.json("ls")}
+    assert ls[TINY_KEY]["error"] is None
+    assert "truncated" in ls["truncated"]["error"] and "not a GGUF" in ls["garbage"]["error"]
+    human = lms("ls", check=True)
+    assert "unreadable" in human.stdout and "truncated.F16.gguf cannot be used" in human.stderr
+    out = lms("load", "truncated")
+    assert out.returncode == 1 and "cannot load 'truncated'" in out.stderr and "truncated" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert lms("daemon", "status").returncode == 0  # the daemon lives on
+    lms("load", TINY_KEY, check=True)
+    assert [i["identifier"] for i in loaded(lms)] == [TINY_KEY]
+
+
+def test_killed_worker_disappears_and_daemon_lives(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    lms("load", TINY_KEY, check=True)
+    lms("load", TINY_KEY, check=True)
+    victim = next(i for i in loaded(lms) if i["identifier"] == TINY_KEY)
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_until(lambda: [i["identifier"] for i in loaded(lms)] == [f"{TINY_KEY}:2"], timeout=10,
+               what="the killed instance to leave lms ps")
+    assert lms("daemon", "status").returncode == 0
+    log = (home.root / "logs" / "lmsd.log").read_text()
+    assert f"worker of {TINY_KEY} (pid {victim['pid']}) died: killed by SIGKILL" in log
+
+
+def test_no_daemon_without_autostart_exits_3(home: Home, lms: Lms) -> None:
+    env = {**home.env, "LMS_NO_AUTOSTART": "1"}
+    for args in (("ps",), ("ls",), ("unload", "--all"), ("server", "settings")):
+        out = lms(*args, env=env)
+        assert out.returncode == 3, (args, out.stderr)
+        assert "lms daemon up" in out.stderr and "Traceback" not in out.stderr
+    status = lms("daemon", "status")
+    assert status.returncode == 3 and "not running" in status.stderr
+
+
+def test_daemon_up_twice_at_once_makes_one_daemon(home: Home, lms: Lms) -> None:
+    import subprocess
+
+    procs = [subprocess.Popen([lms.exe, "daemon", "up"], env=home.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=90) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    status = json.loads(lms("daemon", "status", "--json", check=True).stdout)
+    pid = lms.daemon_pid()
+    assert status["pid"] == pid and status["running"] is True
+    out = subprocess.run(["pgrep", "-f", "-x", r".*-m lmsd"], capture_output=True, text=True)
+    daemons = [int(p) for p in out.stdout.split() if _home_of(int(p)) == str(home.root)]
+    assert daemons == [pid]
+
+
+def _home_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"LMS_HOME="):
+            return item[len(b"LMS_HOME="):].decode()
+    return None
+
+
+def test_recovers_after_daemon_sigkill(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    lms("load", TINY_KEY, check=True)
+    worker_pid = loaded(lms)[0]["pid"]
+    old = lms.daemon_pid()
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(old), what="the daemon to die")
+    # The worker notices its daemon is gone (its pipe closed) and exits: no orphaned model in memory.
+    wait_until(lambda: not pid_alive(worker_pid), timeout=10, what="the orphaned worker to exit")
+    assert (home.root / "run" / "lmsd.sock").exists()  # stale state left behind
+    env = {**home.env, "LMS_NO_AUTOSTART": "1"}
+    out = lms("ps", env=env)
+    assert out.returncode == 3 and "nobody answers" in out.stderr
+    lms("daemon", "up", check=True)
+    assert lms.daemon_pid() != old
+    assert loaded(lms) == []
+    assert "removing stale" in (home.root / "logs" / "lmsd.log").read_text()
+
+
+def test_sigterm_shuts_down_in_order(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    lms("load", TINY_KEY, check=True)
+    worker_pid = loaded(lms)[0]["pid"]
+    pid = lms.daemon_pid()
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+    assert not pid_alive(worker_pid)
+    assert not (home.root / "run" / "lmsd.sock").exists() and not (home.root / "run" / "lmsd.pid").exists()
+    log = (home.root / "logs" / "lmsd.log").read_text()
+    assert "unloaded lms-tiny-test (reason: shutdown)" in log and "lmsd stopped" in log
+
+
+def test_daemon_down_and_status(home: Home, lms: Lms) -> None:
+    lms("daemon", "up", check=True)
+    assert lms("daemon", "up", check=True).stderr.startswith("lmsd is already running")
+    status = lms("daemon", "status", check=True).stdout
+    assert "is running" in status
+    lms("daemon", "down", check=True)
+    assert lms("daemon", "status").returncode == 3
+    assert "lmsd is not running" in lms("daemon", "down", check=True).stderr
+
+
+def test_socket_and_run_dir_are_private(home: Home, lms: Lms) -> None:
+    lms("daemon", "up", check=True)
+    assert (home.root / "run").stat().st_mode & 0o777 == 0o700
+    assert (home.root / "run" / "lmsd.sock").stat().st_mode & 0o777 == 0o600
