@@ -141,7 +141,9 @@ def import_model(path: Path, *, mode: str, user_repo: str | None) -> Path:
             raise CliError("--user-repo takes the form publisher/repo", EXIT_USAGE)
         rel = Path(*parts)
     else:
-        rel = Path("local") / src.name[:-5]
+        from lmsd.catalog import base_key
+
+        rel = Path("local") / base_key(src.name)
     models = Paths.from_env().models
     dest = models / rel / src.name
     if dest.exists() or dest.is_symlink():

@@ -26,8 +26,14 @@ def rank_matches(query: str, keys: list[str]) -> list[str]:
     ranked = sorted(prefix, key=len) + sorted(substring, key=len)
     if ranked:
         return ranked
-    close = difflib.get_close_matches(q, list(lowered), n=5, cutoff=0.6)
-    return [lowered[c] for c in close]
+    # Typos: compare with each key's start (and its last path part) as much as with the whole key.
+    scored = []
+    for low, key in lowered.items():
+        candidates = (low, low[: len(q)], tail(low)[: len(q)])
+        score = max(difflib.SequenceMatcher(None, q, c).ratio() for c in candidates)
+        if score >= 0.75:
+            scored.append((-score, len(key), key))
+    return [key for _s, _n, key in sorted(scored)[:5]]
 
 
 def is_unique_match(query: str, keys: list[str]) -> bool:

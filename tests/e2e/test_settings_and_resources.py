@@ -1,0 +1,114 @@
+"""End to end: persisted settings, the daemon's memory over many loads, import, and the CLI's start-up cost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import TINY_KEY, TINY_NAME, Home, Lms, pid_alive
+
+
+def test_settings_change_at_once_and_survive_restart(home: Home, lms: Lms) -> None:
+    before = lms.json("server", "settings")
+    assert before == {"jit": True, "auto_evict": True, "default_ttl": 3600, "port": 1234, "bind": "127.0.0.1",
+                      "cors": False, "api_key_set": False}
+    out = lms("server", "settings", "--no-jit", "--default-ttl", "10m", check=True)
+    assert "settings saved" in out.stderr
+    assert "jit          off" in out.stdout and "10m (600s)" in out.stdout
+    lms("daemon", "down", check=True)
+    lms("daemon", "up", check=True)
+    after = lms.json("server", "settings")
+    assert (after["jit"], after["default_ttl"], after["auto_evict"]) == (False, 600, True)
+    saved = json.loads((home.root / "settings.json").read_text())
+    assert saved["jit"] is False and saved["default_ttl"] == 600
+    lms("server", "settings", "--jit", "--no-auto-evict", check=True)
+    assert lms.json("server", "settings")["auto_evict"] is False
+
+
+def test_bad_settings_values_are_refused(home: Home, lms: Lms) -> None:
+    for bad in ("0", "-1", "soon"):
+        out = lms("server", "settings", "--default-ttl", bad)
+        assert out.returncode == 2 and "is not a TTL" in out.stderr
+
+
+def test_corrupt_settings_file_is_kept_and_defaults_are_used(home: Home, lms: Lms) -> None:
+    bad = '{"jit": false, "default_ttl": "soon"'
+    (home.root / "settings.json").write_text(bad)
+    shown = lms("server", "settings", check=True)
+    assert "warning:" in shown.stderr and "running with default settings" in shown.stderr
+    assert lms.json("server", "settings")["jit"] is True  # defaults in force
+    assert (home.root / "settings.json").read_text() == bad  # not overwritten by starting up
+    assert "not valid settings" in (home.root / "logs" / "lmsd.log").read_text()
+    # The first change keeps the bad file aside and says where.
+    out = lms("server", "settings", "--no-jit", check=True)
+    assert "settings.json.bad" in out.stderr
+    assert (home.root / "settings.json.bad").read_text() == bad
+    assert json.loads((home.root / "settings.json").read_text())["jit"] is False
+
+
+def test_daemon_memory_stays_flat_over_load_unload_cycles(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    lms("daemon", "up", check=True)
+    daemon = psutil.Process(lms.daemon_pid())
+
+    def cycle() -> int:
+        lms("load", TINY_KEY, check=True)
+        [inst] = lms.json("ps")
+        lms("unload", TINY_KEY, check=True)
+        assert not pid_alive(inst["pid"])
+        return int(inst["pid"])
+
+    for _ in range(3):  # warm-up: first imports, gRPC buffers, the catalog cache
+        cycle()
+    start = daemon.memory_info().rss
+    pids = {cycle() for _ in range(15)}
+    growth = daemon.memory_info().rss - start
+    assert len(pids) == 15  # every load got its own process
+    assert growth < 8 * 1024 * 1024, f"daemon RSS grew by {growth / 1e6:.1f} MB over 15 cycles"
+    children = [c for c in daemon.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+    assert len(children) <= 1  # at most the warm spare worker
+
+
+def test_import_copies_links_and_refuses_non_gguf(home: Home, lms: Lms, tiny_file: Path, tmp_path: Path) -> None:
+    out = lms("import", str(tiny_file), "--user-repo", "me/tiny", check=True)
+    dest = home.models / "me" / "tiny" / TINY_NAME
+    assert Path(out.stdout.strip()) == dest and dest.is_file() and not dest.is_symlink()
+    assert dest.read_bytes() == tiny_file.read_bytes()
+    linked = lms("import", str(tiny_file), "--mode", "link", check=True)
+    assert Path(linked.stdout.strip()).is_symlink()
+    again = lms("import", str(tiny_file), "--user-repo", "me/tiny")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"hello")
+    bad = lms("import", str(junk))
+    assert bad.returncode == 1 and "not a usable GGUF file" in bad.stderr
+    assert not list(home.models.rglob("junk*"))
+    keys = sorted(m["key"] for m in lms.json("ls"))
+    assert keys == [f"local/lms-tiny-test/{TINY_KEY}", f"me/tiny/{TINY_KEY}"]
+
+
+def test_get_unknown_source_is_a_usage_error(home: Home, lms: Lms) -> None:
+    out = lms("get", "gpt-17")
+    assert out.returncode == 2 and "smollm2-135m-instruct" in out.stderr and "lms import" in out.stderr
+
+
+def test_lms_ps_does_not_import_llama_cpp_or_fastapi(home: Home, lms: Lms) -> None:
+    lms("daemon", "up", check=True)
+    code = (
+        "import sys\n"
+        "sys.argv = ['lms', 'ps', '--json']\n"
+        "from lmscli.main import app\n"
+        "try:\n"
+        "    app()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'fastapi', 'uvicorn', 'numpy', 'gguf'))\n"
+        "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=home.env, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout) == []
+    assert "HEAVY=\n" in out.stderr, out.stderr
