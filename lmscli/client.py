@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from lmsd.config import Paths
 from lmscli.output import err
+from lmsd.config import Paths
 
 if TYPE_CHECKING:
     from lmsd.api.v1.control_pb2_grpc import ControlStub

@@ -25,3 +25,15 @@ def parse_ttl(text: str) -> int:
     if seconds > MAX_TTL:
         raise ValueError(f"'{text}' is not a TTL: at most 365 days")
     return seconds
+
+
+def ttl_callback(value: str | None) -> int | None:
+    """Typer callback for --ttl options: a bad TTL is a usage error (exit 2) naming what is allowed."""
+    if value is None:
+        return None
+    try:
+        return parse_ttl(value)
+    except ValueError as exc:
+        import typer
+
+        raise typer.BadParameter(str(exc)) from None

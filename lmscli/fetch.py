@@ -17,9 +17,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmsd.config import Paths
 from lmscli.client import EXIT_USAGE, CliError
 from lmscli.output import err, stderr
+from lmsd.config import Paths
 
 _CHUNK = 1 << 20
 

@@ -58,7 +58,8 @@ class Daemon:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise AlreadyRunning(f"lmsd is already running for {self.paths.home} (pid {_read_pid(self.paths)})")
+            raise AlreadyRunning(
+                f"lmsd is already running for {self.paths.home} (pid {_read_pid(self.paths)})") from None
         self._lock_fd = fd
         for stale in (self.paths.socket, self.paths.pid_file):
             if stale.exists() or stale.is_symlink():

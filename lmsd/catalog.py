@@ -112,7 +112,7 @@ class Catalog:
     def _files(self) -> list[Path]:
         if not self.models_dir.is_dir():
             return []
-        found = []
+        found: list[Path] = []
         for root, dirs, files in os.walk(self.models_dir, followlinks=True):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             found.extend(Path(root) / f for f in sorted(files) if f.lower().endswith(".gguf") and not f.startswith("."))

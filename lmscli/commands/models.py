@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from lmscli.client import EXIT_USAGE, CliError, boundary, connect
-from lmscli.durations import parse_ttl
+from lmscli.durations import ttl_callback
 from lmscli.output import (
     err,
     format_duration,
@@ -26,15 +26,6 @@ from lmscli.output import (
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def _ttl(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_ttl(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
 def _positive(value: int | None) -> int | None:
     if value is not None and value < 1:
         raise typer.BadParameter("must be a positive number of tokens")
@@ -45,7 +36,7 @@ def _positive(value: int | None) -> int | None:
 def load(
     model: Annotated[str, typer.Argument(help="Model key, a prefix of one, or a path inside the models folder.")],
     ttl: Annotated[
-        str | None, typer.Option("--ttl", callback=_ttl, help="Unload after this long idle: 3600, 90s, 5m, 1h.")
+        str | None, typer.Option("--ttl", callback=ttl_callback, help="Unload after this long idle: 3600, 90s, 5m, 1h.")
     ] = None,
     identifier: Annotated[str | None, typer.Option("--identifier", help="Name to use for this instance.")] = None,
     context_length: Annotated[

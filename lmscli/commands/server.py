@@ -7,19 +7,10 @@ from typing import Annotated
 import typer
 
 from lmscli.client import boundary, connect
-from lmscli.durations import parse_ttl
+from lmscli.durations import ttl_callback
 from lmscli.output import err, print_json, print_settings, settings_json
 
 app = typer.Typer(help="The HTTP endpoint and the daemon's settings.", no_args_is_help=True)
-
-
-def _ttl(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_ttl(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()
@@ -30,7 +21,7 @@ def settings(
         bool | None, typer.Option("--auto-evict/--no-auto-evict", help="Unload other JIT models before a JIT load.")
     ] = None,
     default_ttl: Annotated[
-        str | None, typer.Option("--default-ttl", callback=_ttl, help="Idle TTL of JIT loads, e.g. 600, 10m, 1h.")
+        str | None, typer.Option("--default-ttl", callback=ttl_callback, help="Idle TTL of JIT loads, e.g. 600, 10m, 1h.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -71,7 +71,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             yield pb.LoadEvent(progress=pb.LoadProgress(fraction=0.0, stage="starting"))
             while not inst.ready.done():
                 getter = asyncio.ensure_future(progress.get())
-                await asyncio.wait({inst.ready, getter}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([cast("asyncio.Future[Any]", inst.ready), getter],
+                                   return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield pb.LoadEvent(progress=pb.LoadProgress(fraction=getter.result(), stage="loading"))
                 else:

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 
@@ -162,7 +162,7 @@ class Engine:
             generation_time=round(ended - started, 6),
         )
 
-    def _stream(self, kind: str, params: dict[str, Any]) -> Iterator[tuple[str, str | None]]:
+    def _stream(self, kind: str, params: dict[str, Any]) -> Generator[tuple[str, str | None], None, None]:
         if kind == "chat":
             for chunk in self.llm.create_chat_completion(stream=True, **params):
                 choice = chunk["choices"][0]

@@ -106,7 +106,8 @@ def test_lms_ps_does_not_import_llama_cpp_or_fastapi(home: Home, lms: Lms) -> No
         "    app()\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'fastapi', 'uvicorn', 'numpy', 'gguf'))\n"
+        "heavy = sorted(m for m in sys.modules\n"
+        "               if m.split('.')[0] in ('llama_cpp', 'fastapi', 'uvicorn', 'numpy', 'gguf'))\n"
         "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=home.env, capture_output=True, text=True, timeout=60)

@@ -50,7 +50,7 @@ async def test_cancel_stops_generation_and_worker_serves_next(tiny_file: Path) -
         await worker.load(str(tiny_file), 512, lambda f: None)
         received = 0
         stream = worker.generate("completion", {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0})
-        async for ev in stream:
+        async for _ev in stream:
             received += 1
             if received == 3:
                 break
