@@ -21,7 +21,8 @@ def settings(
         bool | None, typer.Option("--auto-evict/--no-auto-evict", help="Unload other JIT models before a JIT load.")
     ] = None,
     default_ttl: Annotated[
-        str | None, typer.Option("--default-ttl", callback=ttl_callback, help="Idle TTL of JIT loads, e.g. 600, 10m, 1h.")
+        str | None,
+        typer.Option("--default-ttl", callback=ttl_callback, help="Idle TTL of JIT loads, e.g. 600, 10m, 1h."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
