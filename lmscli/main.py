@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmscli.commands import daemon, models, server
+from lmscli.commands import daemon, log, models, server
 
 app = typer.Typer(
     name="lms",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.add_typer(daemon.app, name="daemon")
 app.add_typer(server.app, name="server")
+app.add_typer(log.app, name="log")
 models.register(app)
 
 

@@ -177,3 +177,49 @@ def print_settings(s: Any) -> None:
 
 def _on(flag: bool) -> str:
     return "on" if flag else "off"
+
+
+# ---------------------------------------------------------------- lms server status
+
+
+def http_json(h: Any) -> dict[str, Any]:
+    return {"running": h.running, "port": h.port, "bind": h.bind, "cors": h.cors, "url": h.url or None,
+            "api_key_set": h.api_key_set}
+
+
+def print_http(h: Any) -> None:
+    if h.running:
+        stdout.print(f"HTTP endpoint running at {h.url} (cors {_on(h.cors)}, API key "
+                     f"{'required' if h.api_key_set else 'not required'})", markup=False)
+    else:
+        stdout.print(f"HTTP endpoint stopped (would listen on {h.bind}:{h.port}); start it with `lms server start`",
+                     markup=False)
+
+
+# ---------------------------------------------------------------- lms log stream
+
+
+def event_json(e: Any) -> dict[str, Any]:
+    return {"time": e.time_unix, "kind": e.kind, "identifier": e.identifier or None, "model": e.model or None,
+            "reason": e.reason or None, "message": e.message or None, **dict(e.fields)}
+
+
+def event_line(e: Any) -> str:
+    import datetime
+
+    ts = datetime.datetime.fromtimestamp(e.time_unix).strftime("%H:%M:%S")
+    f = dict(e.fields)
+    if e.kind == "request":
+        tokens = f"{f.get('prompt_tokens', '0')} in / {f.get('completion_tokens', '0')} out"
+        speed = f", {f['tokens_per_second']} tok/s" if "tokens_per_second" in f else ""
+        return (f"{ts} request  {e.identifier} {f.get('endpoint', '')}: {f.get('status', '')}, {tokens} tokens"
+                f"{speed}, {f.get('duration', '?')}s")
+    if e.kind == "loaded":
+        ttl = f", ttl {f['ttl']}s" if f.get("ttl") else ""
+        return f"{ts} loaded   {e.identifier} (origin {f.get('origin', '?')}{ttl}, context {f.get('context_length')})"
+    if e.kind == "unloaded":
+        why = f": {e.message}" if e.message else ""
+        return f"{ts} unloaded {e.identifier} (reason {e.reason}{why})"
+    if e.kind == "crashed":
+        return f"{ts} crashed  {e.identifier}: {e.message}"
+    return f"{ts} {e.kind} {e.message}".rstrip()

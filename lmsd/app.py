@@ -17,10 +17,13 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from lmsd import __version__
 from lmsd.catalog import Catalog
 from lmsd.config import Paths, SettingsStore
+from lmsd.errors import LmsError
+from lmsd.http.server import ApiKeyStore, HttpService
 from lmsd.scheduler import Scheduler
 from lmsd.worker.handle import WorkerPool
 
@@ -44,7 +47,24 @@ class Daemon:
         self.catalog = Catalog(paths.models, paths.cache_dir / "catalog.json")
         self.pool = WorkerPool(paths.log_dir / "workers.log")
         self.scheduler = Scheduler(self.catalog, self.pool, lambda: self.settings_store.settings)
+        self.api_key = ApiKeyStore(paths.home / "api_key")
+        self.http = HttpService(self._make_http_app)
         self._lock_fd: int | None = None
+
+    def _make_http_app(self, cors: bool) -> Any:
+        from lmsd.http.server import create_app
+
+        return create_app(self.scheduler, self.catalog, lambda: self.settings_store.settings, self.api_key.get,
+                          cors=cors)
+
+    async def start_http(self, port: int, bind: str, cors: bool) -> None:
+        """Starts (or restarts) the HTTP endpoint and remembers it, so the next daemon start brings it back."""
+        await self.http.start(port, bind, cors)
+        self.settings_store.update(port=port, bind=bind, cors=cors, http_enabled=True)
+
+    async def stop_http(self) -> None:
+        await self.http.stop()
+        self.settings_store.update(http_enabled=False)
 
     # ---------------------------------------------------------------- single instance
 
@@ -103,10 +123,18 @@ class Daemon:
         log.info("lmsd %s listening on %s (pid %d, models in %s)", __version__, sock, os.getpid(), self.paths.models)
         self.pool.prestart()
         timer = asyncio.ensure_future(self.scheduler.run_ttl_timer())
+        settings = self.settings_store.settings
+        if settings.http_enabled:
+            try:
+                await self.http.start(settings.port, settings.bind, settings.cors)
+            except LmsError as exc:
+                log.error("the HTTP endpoint was on before the restart but cannot start now: %s", exc.message)
         try:
             await self.stopping.wait()
+            # New requests now get 503 (the scheduler refuses them); running ones get the grace period.
             log.info("shutting down: draining requests (up to %ss)", SHUTDOWN_GRACE)
             await self.scheduler.shutdown(grace=SHUTDOWN_GRACE)
+            await self.http.stop()
             await self.pool.close()
         finally:
             timer.cancel()

@@ -57,3 +57,10 @@ class WorkerGone(LmsError):
 
     kind = "internal"
     code = "worker_gone"
+
+
+class WorkerError(LmsError):
+    """llama.cpp failed on a request for a reason that is not the client's."""
+
+    kind = "internal"
+    code = "internal_error"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from lmsd.catalog import ModelEntry
 
@@ -33,6 +33,12 @@ class Worker(Protocol):
         ...
 
     def memory_bytes(self) -> int: ...
+
+    def generate(self, kind: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yields `token` events then one `done` event; closing it early cancels the generation."""
+        ...
+
+    async def embed(self, inputs: list[str], *, embedding_model: bool) -> dict[str, Any]: ...
 
     def on_exit(self, callback: Callable[[str], None]) -> None:
         """Registers `callback(why)`, called once if the process ends without being asked to stop."""

@@ -189,7 +189,7 @@ class Scheduler:
         except AmbiguousModel as exc:
             raise InvalidArgument(str(exc), code="model_ambiguous") from None
         except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise InvalidArgument(str(exc), code="invalid_model") from None
         except LookupError as exc:
             raise ModelNotFound(str(exc)) from None
         if entry.error:
@@ -274,11 +274,26 @@ class Scheduler:
                     continue
                 inst = await self._jit_instance(model, ttl)
                 if inst is None:
-                    continue  # the table changed while resolving; look again
+                    continue  # a drain of this model just ended; look again
             if not inst.ready.done():
                 await asyncio.shield(inst.ready)  # joins the one load in progress; raises its error
                 continue
             return await self._admit(inst)
+
+    async def target(self, model: str) -> tuple[ModelEntry, int, bool]:
+        """What a request for `model` would run on, without loading anything: the model, the context length it
+        has or would get from a JIT load, and whether it is loaded. Raises as `acquire` would for a model
+        that cannot be served (unknown, path-like, unreadable, or unloaded with JIT off)."""
+        inst = self._find_serving(model)
+        if inst is not None:
+            return inst.entry, inst.context_length, True
+        entry = await self._resolve(model)
+        inst = self._find_serving(entry.key)
+        if inst is not None:
+            return inst.entry, inst.context_length, True
+        if not self.settings().jit:
+            raise self._jit_off_error(model)
+        return entry, default_context_length(entry), False
 
     def _find_serving(self, model: str) -> Instance | None:
         if model in self._instances and not self._instances[model].draining:
@@ -288,23 +303,30 @@ class Scheduler:
 
     async def _jit_instance(self, model: str, ttl: int | None) -> Instance | None:
         settings = self.settings()
-        if not settings.jit:
-            loaded = ", ".join(sorted(self._instances)) or "none"
-            raise ModelNotFound(
-                f"model '{model}' is not loaded and JIT loading is off. Load it first with "
-                f"`lms load {model}`, or turn JIT on with `lms server settings --jit`. Loaded: {loaded}."
-            )
         entry = await self._resolve(model)
-        if self._find_serving(entry.key) is not None:
-            return None  # loaded (or started loading) by someone else while we resolved
-        if any(i.key == entry.key and i.draining for i in self._instances.values()):
-            return None
+        existing = self._find_serving(entry.key)
+        if existing is not None:
+            return existing  # `model` was a prefix of a loaded key, or someone loaded it while we resolved
+        if not settings.jit:
+            raise self._jit_off_error(model)
+        draining = [i for i in self._instances.values() if i.key == entry.key and i.draining]
+        if draining:
+            await draining[0].gone.wait()
+            return None  # look again from the start
         if settings.auto_evict:
             await self._evict_jit_except(entry.key)
-            if self._find_serving(entry.key) is not None:
-                return None
+            existing = self._find_serving(entry.key)
+            if existing is not None:
+                return existing
         return self._start_load(entry, "jit", ttl if ttl is not None else settings.default_ttl,
                                 self._next_identifier(entry.key), 0, None)
+
+    def _jit_off_error(self, model: str) -> ModelNotFound:
+        loaded = ", ".join(sorted(self._instances)) or "none"
+        return ModelNotFound(
+            f"model '{model}' is not loaded and JIT loading is off. Load it first with "
+            f"`lms load {model}`, or turn JIT on with `lms server settings --jit`. Loaded: {loaded}."
+        )
 
     async def _evict_jit_except(self, key: str) -> None:
         """Drains and unloads every other JIT instance, and waits for those already on their way out, so the

@@ -124,7 +124,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         store = self.daemon.settings_store
         s = store.settings
         return pb.Settings(jit=s.jit, auto_evict=s.auto_evict, default_ttl=s.default_ttl, port=s.port, bind=s.bind,
-                           cors=s.cors, settings_path=str(store.path), warning=store.warning)
+                           cors=s.cors, settings_path=str(store.path), warning=store.warning,
+                           api_key_set=self.daemon.api_key.get() is not None)
 
     async def GetSettings(self, request: pb.GetSettingsRequest, context: Any) -> pb.Settings:
         return self._settings_pb()
@@ -133,6 +134,12 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         changes = {f: getattr(request, f) for f in ("jit", "auto_evict", "default_ttl", "port", "bind", "cors")
                    if request.HasField(f)}
         try:
+            if request.HasField("api_key"):
+                key = request.api_key.strip()
+                if key and (len(key) < 8 or any(c.isspace() for c in key)):
+                    raise ValueError("an API key needs at least 8 characters and no spaces")
+                self.daemon.api_key.set(key or None)
+                log.info("API key %s", "set" if key else "cleared")  # the key itself is never logged
             self.daemon.settings_store.update(**changes)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -142,6 +149,12 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                                 f"{exc.strerror or exc}; nothing was changed")
         if changes:
             log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            if self.daemon.http.running and {"port", "bind", "cors"} & set(changes):
+                s = self.daemon.settings_store.settings
+                try:
+                    await self.daemon.http.start(s.port, s.bind, s.cors)  # apply address changes now
+                except LmsError as exc:
+                    await _abort(context, exc)
             self.scheduler.emit(SchedulerEvent("settings", "", "", message=", ".join(
                 f"{k}={v}" for k, v in changes.items())))
         return self._settings_pb()
@@ -155,6 +168,39 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                                reason=ev.reason, message=ev.message, fields=ev.fields)
         finally:
             self.scheduler.unsubscribe(queue)
+
+    def _http_pb(self) -> pb.HttpStatus:
+        http = self.daemon.http
+        s = self.daemon.settings_store.settings
+        running = http.running
+        return pb.HttpStatus(running=running, port=http.port if running else s.port,
+                             bind=http.bind if running else s.bind, cors=http.cors if running else s.cors,
+                             url=http.url(), api_key_set=self.daemon.api_key.get() is not None)
+
+    async def ServerStart(self, request: pb.ServerStartRequest, context: Any) -> pb.HttpStatus:
+        s = self.daemon.settings_store.settings
+        port = request.port if request.HasField("port") else s.port
+        bind = request.bind if request.HasField("bind") else s.bind
+        cors = request.cors if request.HasField("cors") else s.cors
+        if not 1 <= port <= 65535:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"port must be from 1 to 65535, got {port}")
+        try:
+            await self.daemon.start_http(port, bind, cors)
+        except LmsError as exc:
+            await _abort(context, exc)
+        except (ValueError, OSError) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return self._http_pb()
+
+    async def ServerStop(self, request: pb.ServerStopRequest, context: Any) -> pb.HttpStatus:
+        try:
+            await self.daemon.stop_http()
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"could not save settings: {exc}")
+        return self._http_pb()
+
+    async def GetServerStatus(self, request: pb.ServerStatusRequest, context: Any) -> pb.HttpStatus:
+        return self._http_pb()
 
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
         return pb.HealthResponse(

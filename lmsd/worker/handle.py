@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from lmsd.errors import InvalidArgument, ModelLoadFailed, Unavailable, WorkerGone
+from lmsd.errors import InvalidArgument, ModelLoadFailed, Unavailable, WorkerError, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -172,19 +172,19 @@ class WorkerProcess:
                     raise WorkerGone(str(event["message"]))
                 else:
                     finished = True
-                    raise InvalidArgument(f"generation failed: {event.get('message')}")
+                    raise _request_error(event)
         finally:
             self._requests.pop(rid, None)
             if not finished:
                 with contextlib.suppress(WorkerGone):
                     self._send(op="cancel", id=rid)
 
-    async def embed(self, inputs: list[str]) -> dict[str, Any]:
+    async def embed(self, inputs: list[str], *, embedding_model: bool) -> dict[str, Any]:
         rid = str(next(_ids))
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._requests[rid] = q
         try:
-            self._send(op="embed", id=rid, input=inputs)
+            self._send(op="embed", id=rid, input=inputs, embedding_model=embedding_model)
             event = await q.get()
         finally:
             self._requests.pop(rid, None)
@@ -192,7 +192,7 @@ class WorkerProcess:
             return event
         if event.get("ev") == "gone":
             raise WorkerGone(str(event["message"]))
-        raise InvalidArgument(f"embedding failed: {event.get('message')}")
+        raise _request_error(event)
 
     async def stop(self, reason: str) -> None:
         if self._stop_reason is None:
@@ -219,6 +219,14 @@ class WorkerProcess:
             return int(psutil.Process(self.pid).memory_info().rss)
         except Exception:  # noqa: BLE001 - the process may end between the check and the read
             return 0
+
+
+def _request_error(event: dict[str, Any]) -> Exception:
+    code = str(event.get("code") or "internal_error")
+    message = str(event.get("message") or "the worker failed")
+    if code == "internal_error":
+        return WorkerError(message)
+    return InvalidArgument(message, code=code)
 
 
 class WorkerPool:

@@ -51,6 +51,9 @@ class Engine:
         self.commands: queue.Queue[dict[str, Any]] = queue.Queue()
         self.cancelled: set[str] = set()  # request ids; set.add/discard are atomic under the GIL
         self.llm: Any = None
+        self.embedder: Any = None  # a second context in embedding mode, for LLMs asked for embeddings
+        self.path = ""
+        self.n_ctx = 0
 
     def run(self) -> None:
         while True:
@@ -70,7 +73,8 @@ class Engine:
                 if op == "load":
                     self.chan.send(ev="load_error", message=detail)
                 else:
-                    self.chan.send(ev="error", id=msg.get("id", ""), message=detail)
+                    code, message = _classify(exc)
+                    self.chan.send(ev="error", id=msg.get("id", ""), code=code, message=message)
                 print(traceback.format_exc(), file=sys.stderr)
             finally:
                 self.cancelled.discard(msg.get("id", ""))
@@ -101,6 +105,7 @@ class Engine:
         lib.llama_model_default_params = params_with_progress
         try:
             started = time.perf_counter()
+            self.path = msg["path"]
             self.llm = llama_cpp.Llama(
                 model_path=msg["path"],
                 n_ctx=int(msg.get("n_ctx") or 0),
@@ -111,9 +116,10 @@ class Engine:
             )
         finally:
             lib.llama_model_default_params = default_params
+        self.n_ctx = self.llm.n_ctx()
         self.chan.send(
             ev="loaded",
-            n_ctx=self.llm.n_ctx(),
+            n_ctx=self.n_ctx,
             seconds=round(time.perf_counter() - started, 4),
         )
 
@@ -121,7 +127,7 @@ class Engine:
         rid = msg["id"]
         if self.llm is None:
             raise RuntimeError("no model loaded")
-        params = dict(msg.get("params") or {})
+        params = self._llama_params(msg.get("kind", "completion"), dict(msg.get("params") or {}))
         if rid in self.cancelled:  # the client left while this request waited in the queue
             self.chan.send(ev="done", id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0,
                            time_to_first_token=0.0, generation_time=0.0)
@@ -162,6 +168,26 @@ class Engine:
             generation_time=round(ended - started, 6),
         )
 
+    def _llama_params(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Translates the OpenAI-style extras llama-cpp-python does not take itself."""
+        if params.pop("ignore_eos", False):
+            bias = dict(params.get("logit_bias") or {})
+            bias[str(self.llm.token_eos())] = -1e9
+            params["logit_bias"] = bias
+        fmt = params.pop("response_format", None)
+        if fmt:
+            schema = None
+            if fmt.get("type") == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+            elif fmt.get("type") == "json_object":
+                schema = fmt.get("schema")
+            if fmt.get("type") in ("json_schema", "json_object"):
+                from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+                params["grammar"] = (LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema
+                                     else LlamaGrammar.from_string(JSON_GBNF, verbose=False))
+        return params
+
     def _stream(self, kind: str, params: dict[str, Any]) -> Generator[tuple[str, str | None], None, None]:
         if kind == "chat":
             for chunk in self.llm.create_chat_completion(stream=True, **params):
@@ -175,11 +201,48 @@ class Engine:
     def embed(self, msg: dict[str, Any]) -> None:
         if self.llm is None:
             raise RuntimeError("no model loaded")
+        model = self.llm
+        if not msg.get("embedding_model"):
+            # An LLM asked for embeddings (as Ollama and llama.cpp's server allow): a second context in
+            # embedding mode with mean pooling. The weights are memory-mapped, so they are shared.
+            if self.embedder is None:
+                import llama_cpp
+
+                self.embedder = llama_cpp.Llama(
+                    model_path=self.path, n_ctx=self.n_ctx, n_threads=_physical_cores(), embedding=True,
+                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False,
+                )
+            model = self.embedder
         inputs = msg["input"]
-        result = self.llm.create_embedding(inputs)
+        for text in inputs:
+            n = len(model.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+            if n > self.n_ctx:
+                raise ContextExceeded(f"an input is {n} tokens long; the context length is {self.n_ctx} tokens")
+        result = model.create_embedding(inputs)
         vectors = [d["embedding"] for d in result["data"]]
         self.chan.send(ev="embeddings", id=msg["id"], data=vectors,
                        prompt_tokens=result.get("usage", {}).get("prompt_tokens", 0))
+
+
+class ContextExceeded(ValueError):
+    pass
+
+
+def _classify(exc: Exception) -> tuple[str, str]:
+    """An error code the daemon maps to an HTTP status, and a message for the client."""
+    import re
+
+    text = str(exc)
+    m = re.search(r"Requested tokens \((\d+)\) exceed context window of (\d+)", text)
+    if m:
+        return "context_length_exceeded", (
+            f"the prompt is {m.group(1)} tokens long, more than the model's context length of {m.group(2)} "
+            "tokens; shorten it or load the model with a larger --context-length")
+    if isinstance(exc, ContextExceeded):
+        return "context_length_exceeded", text
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        return "invalid_request_error", f"{type(exc).__name__}: {text}"
+    return "internal_error", f"{type(exc).__name__}: {text}"
 
 
 class _TokenCounter:

@@ -271,3 +271,13 @@ async def test_ttl_timer_driver_wakes_at_the_deadline() -> None:
             break
     assert sched.instances() == []
     driver.cancel()
+
+
+async def test_request_by_prefix_uses_the_loaded_instance(env: Env) -> None:
+    first = await env.scheduler.acquire("smollm2-135m-instruct")
+    env.scheduler.release(first)
+    lease = await asyncio.wait_for(env.scheduler.acquire("smol"), 1)  # a prefix must not spin or reload
+    assert lease.instance is first.instance and len(env.workers.loads) == 1
+    env.scheduler.release(lease)
+    entry, n_ctx, loaded = await env.scheduler.target("smol")
+    assert (entry.key, loaded) == ("smollm2-135m-instruct", True)

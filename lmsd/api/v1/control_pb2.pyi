@@ -415,12 +415,15 @@ class UpdateSettingsRequest(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     BIND_FIELD_NUMBER: _builtins.int
     CORS_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
     jit: _builtins.bool
     auto_evict: _builtins.bool
     default_ttl: _builtins.int
     port: _builtins.int
     bind: _builtins.str
     cors: _builtins.bool
+    api_key: _builtins.str
+    """"" clears the key; the key itself is never sent back"""
     def __init__(
         self,
         *,
@@ -430,11 +433,14 @@ class UpdateSettingsRequest(_message.Message):
         port: _builtins.int | None = ...,
         bind: _builtins.str | None = ...,
         cors: _builtins.bool | None = ...,
+        api_key: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_port", b"_port", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "port", b"port"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "port", b"port"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_port", b"_port", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "port", b"port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "port", b"port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__api_key: _TypeAlias = _typing.Literal["api_key"]  # noqa: Y015
+    _WhichOneofArgType__api_key: _TypeAlias = _typing.Literal["_api_key", b"_api_key"]  # noqa: Y015
     _WhichOneofReturnType__auto_evict: _TypeAlias = _typing.Literal["auto_evict"]  # noqa: Y015
     _WhichOneofArgType__auto_evict: _TypeAlias = _typing.Literal["_auto_evict", b"_auto_evict"]  # noqa: Y015
     _WhichOneofReturnType__bind: _TypeAlias = _typing.Literal["bind"]  # noqa: Y015
@@ -447,6 +453,8 @@ class UpdateSettingsRequest(_message.Message):
     _WhichOneofArgType__jit: _TypeAlias = _typing.Literal["_jit", b"_jit"]  # noqa: Y015
     _WhichOneofReturnType__port: _TypeAlias = _typing.Literal["port"]  # noqa: Y015
     _WhichOneofArgType__port: _TypeAlias = _typing.Literal["_port", b"_port"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__api_key) -> _WhichOneofReturnType__api_key | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__auto_evict) -> _WhichOneofReturnType__auto_evict | None: ...
     @_typing.overload
@@ -461,6 +469,106 @@ class UpdateSettingsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__port) -> _WhichOneofReturnType__port | None: ...
 
 Global___UpdateSettingsRequest: _TypeAlias = UpdateSettingsRequest  # noqa: Y015
+
+@_typing.final
+class ServerStartRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    BIND_FIELD_NUMBER: _builtins.int
+    CORS_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    bind: _builtins.str
+    cors: _builtins.bool
+    def __init__(
+        self,
+        *,
+        port: _builtins.int | None = ...,
+        bind: _builtins.str | None = ...,
+        cors: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bind", b"_bind", "_cors", b"_cors", "_port", b"_port", "bind", b"bind", "cors", b"cors", "port", b"port"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bind", b"_bind", "_cors", b"_cors", "_port", b"_port", "bind", b"bind", "cors", b"cors", "port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__bind: _TypeAlias = _typing.Literal["bind"]  # noqa: Y015
+    _WhichOneofArgType__bind: _TypeAlias = _typing.Literal["_bind", b"_bind"]  # noqa: Y015
+    _WhichOneofReturnType__cors: _TypeAlias = _typing.Literal["cors"]  # noqa: Y015
+    _WhichOneofArgType__cors: _TypeAlias = _typing.Literal["_cors", b"_cors"]  # noqa: Y015
+    _WhichOneofReturnType__port: _TypeAlias = _typing.Literal["port"]  # noqa: Y015
+    _WhichOneofArgType__port: _TypeAlias = _typing.Literal["_port", b"_port"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__bind) -> _WhichOneofReturnType__bind | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cors) -> _WhichOneofReturnType__cors | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__port) -> _WhichOneofReturnType__port | None: ...
+
+Global___ServerStartRequest: _TypeAlias = ServerStartRequest  # noqa: Y015
+
+@_typing.final
+class ServerStopRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerStopRequest: _TypeAlias = ServerStopRequest  # noqa: Y015
+
+@_typing.final
+class ServerStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerStatusRequest: _TypeAlias = ServerStatusRequest  # noqa: Y015
+
+@_typing.final
+class HttpStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    BIND_FIELD_NUMBER: _builtins.int
+    CORS_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    API_KEY_SET_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    port: _builtins.int
+    bind: _builtins.str
+    cors: _builtins.bool
+    url: _builtins.str
+    api_key_set: _builtins.bool
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+        port: _builtins.int = ...,
+        bind: _builtins.str = ...,
+        cors: _builtins.bool = ...,
+        url: _builtins.str = ...,
+        api_key_set: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_set", b"api_key_set", "bind", b"bind", "cors", b"cors", "port", b"port", "running", b"running", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpStatus: _TypeAlias = HttpStatus  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):

@@ -80,6 +80,21 @@ class ControlStub:
                 request_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.VersionRequest.SerializeToString,
                 response_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.VersionResponse.FromString,
                 _registered_method=True)
+        self.ServerStart = channel.unary_unary(
+                '/lmsd.api.v1.Control/ServerStart',
+                request_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.ServerStartRequest.SerializeToString,
+                response_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.FromString,
+                _registered_method=True)
+        self.ServerStop = channel.unary_unary(
+                '/lmsd.api.v1.Control/ServerStop',
+                request_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.ServerStopRequest.SerializeToString,
+                response_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.FromString,
+                _registered_method=True)
+        self.GetServerStatus = channel.unary_unary(
+                '/lmsd.api.v1.Control/GetServerStatus',
+                request_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.ServerStatusRequest.SerializeToString,
+                response_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/lmsd.api.v1.Control/Shutdown',
                 request_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.ShutdownRequest.SerializeToString,
@@ -148,6 +163,25 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ServerStart(self, request, context):
+        """The HTTP inference endpoint inside the daemon. Start persists port/bind/cors and that it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ServerStop(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Shuts the daemon down in order: drain, end workers, remove socket and pid file.
         """
@@ -202,6 +236,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Version,
                     request_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.VersionRequest.FromString,
                     response_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.VersionResponse.SerializeToString,
+            ),
+            'ServerStart': grpc.unary_unary_rpc_method_handler(
+                    servicer.ServerStart,
+                    request_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.ServerStartRequest.FromString,
+                    response_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.SerializeToString,
+            ),
+            'ServerStop': grpc.unary_unary_rpc_method_handler(
+                    servicer.ServerStop,
+                    request_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.ServerStopRequest.FromString,
+                    response_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.SerializeToString,
+            ),
+            'GetServerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStatus,
+                    request_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.ServerStatusRequest.FromString,
+                    response_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -452,6 +501,87 @@ class Control:
             '/lmsd.api.v1.Control/Version',
             lmsd_dot_api_dot_v1_dot_control__pb2.VersionRequest.SerializeToString,
             lmsd_dot_api_dot_v1_dot_control__pb2.VersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServerStart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmsd.api.v1.Control/ServerStart',
+            lmsd_dot_api_dot_v1_dot_control__pb2.ServerStartRequest.SerializeToString,
+            lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServerStop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmsd.api.v1.Control/ServerStop',
+            lmsd_dot_api_dot_v1_dot_control__pb2.ServerStopRequest.SerializeToString,
+            lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmsd.api.v1.Control/GetServerStatus',
+            lmsd_dot_api_dot_v1_dot_control__pb2.ServerStatusRequest.SerializeToString,
+            lmsd_dot_api_dot_v1_dot_control__pb2.HttpStatus.FromString,
             options,
             channel_credentials,
             insecure,

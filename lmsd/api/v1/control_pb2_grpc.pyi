@@ -47,6 +47,10 @@ class ControlStub:
     """Follows lifecycle events (loaded, unloaded, expired, evicted, crashed, request done)."""
     Health: _grpc.UnaryUnaryMultiCallable[_control_pb2.HealthRequest, _control_pb2.HealthResponse]
     Version: _grpc.UnaryUnaryMultiCallable[_control_pb2.VersionRequest, _control_pb2.VersionResponse]
+    ServerStart: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServerStartRequest, _control_pb2.HttpStatus]
+    """The HTTP inference endpoint inside the daemon. Start persists port/bind/cors and that it runs."""
+    ServerStop: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServerStopRequest, _control_pb2.HttpStatus]
+    GetServerStatus: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServerStatusRequest, _control_pb2.HttpStatus]
     Shutdown: _grpc.UnaryUnaryMultiCallable[_control_pb2.ShutdownRequest, _control_pb2.ShutdownResponse]
     """Shuts the daemon down in order: drain, end workers, remove socket and pid file."""
 
@@ -66,6 +70,10 @@ class ControlAsyncStub(ControlStub):
     """Follows lifecycle events (loaded, unloaded, expired, evicted, crashed, request done)."""
     Health: _aio.UnaryUnaryMultiCallable[_control_pb2.HealthRequest, _control_pb2.HealthResponse]  # type: ignore[assignment]
     Version: _aio.UnaryUnaryMultiCallable[_control_pb2.VersionRequest, _control_pb2.VersionResponse]  # type: ignore[assignment]
+    ServerStart: _aio.UnaryUnaryMultiCallable[_control_pb2.ServerStartRequest, _control_pb2.HttpStatus]  # type: ignore[assignment]
+    """The HTTP inference endpoint inside the daemon. Start persists port/bind/cors and that it runs."""
+    ServerStop: _aio.UnaryUnaryMultiCallable[_control_pb2.ServerStopRequest, _control_pb2.HttpStatus]  # type: ignore[assignment]
+    GetServerStatus: _aio.UnaryUnaryMultiCallable[_control_pb2.ServerStatusRequest, _control_pb2.HttpStatus]  # type: ignore[assignment]
     Shutdown: _aio.UnaryUnaryMultiCallable[_control_pb2.ShutdownRequest, _control_pb2.ShutdownResponse]  # type: ignore[assignment]
     """Shuts the daemon down in order: drain, end workers, remove socket and pid file."""
 
@@ -136,6 +144,28 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.VersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.VersionResponse, _abc.Awaitable[_control_pb2.VersionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ServerStart(
+        self,
+        request: _control_pb2.ServerStartRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.HttpStatus, _abc.Awaitable[_control_pb2.HttpStatus]]:
+        """The HTTP inference endpoint inside the daemon. Start persists port/bind/cors and that it runs."""
+
+    @_abc_1.abstractmethod
+    def ServerStop(
+        self,
+        request: _control_pb2.ServerStopRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.HttpStatus, _abc.Awaitable[_control_pb2.HttpStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def GetServerStatus(
+        self,
+        request: _control_pb2.ServerStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.HttpStatus, _abc.Awaitable[_control_pb2.HttpStatus]]: ...
 
     @_abc_1.abstractmethod
     def Shutdown(

@@ -1,0 +1,52 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with honest status codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from lmsd.errors import LmsError, ModelLoadFailed, WorkerGone
+
+_STATUS = {
+    "not_found": 404,
+    "invalid_argument": 400,
+    "failed_precondition": 400,
+    "resource_exhausted": 429,
+    "unavailable": 503,
+    "internal": 500,
+}
+_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+         413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPE.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
+def error_response(exc: HttpError) -> JSONResponse:
+    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
+
+
+def from_lms_error(exc: LmsError) -> HttpError:
+    status = _STATUS[exc.kind]
+    headers = {"Retry-After": "1"} if status == 429 else None
+    if isinstance(exc, ModelLoadFailed):
+        status = 400  # the named model cannot be loaded: not a fault of the server
+    if isinstance(exc, WorkerGone) and "unloaded" in exc.message:
+        status = 503  # ended by an unload, not a crash
+    param = "model" if exc.kind == "not_found" or exc.code in ("model_ambiguous", "model_load_failed", "invalid_model") else None
+    return HttpError(status, exc.message, param=param, code=exc.code, headers=headers)

@@ -1,0 +1,250 @@
+"""Running one inference request through the scheduler: checks before any load, the lease on an instance,
+the worker's stream, client disconnects, and the `request` event for `lms log stream`.
+
+Routes (openai.py, lmstudio.py) only shape what this returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from lmsd.catalog import ModelEntry
+from lmsd.errors import LmsError
+from lmsd.http.errors import HttpError, from_lms_error
+from lmsd.http.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
+from lmsd.scheduler import Lease, Scheduler, SchedulerEvent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_DISCONNECT_POLL = 0.1  # seconds between checks that a waiting (non-streaming) client is still there
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody is left to answer."""
+
+
+@dataclass
+class Generation:
+    """One running generation: the lease it holds and the worker's event stream, first event already read."""
+
+    lease: Lease
+    entry: ModelEntry
+    stream: AsyncIterator[dict[str, Any]]
+    first: dict[str, Any]
+    started: float
+    endpoint: str
+    done: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    closed: bool = False
+
+    @property
+    def identifier(self) -> str:
+        return self.lease.instance.identifier
+
+    def stats(self) -> dict[str, Any]:
+        d = self.done
+        ttft = float(d.get("time_to_first_token", 0.0))
+        gen = float(d.get("generation_time", 0.0))
+        tokens = int(d.get("completion_tokens", 0))
+        decode = gen - ttft
+        tps = tokens / decode if decode > 0 and tokens > 1 else (tokens / gen if gen > 0 else 0.0)
+        return {"tokens_per_second": round(tps, 3), "time_to_first_token": round(ttft, 4),
+                "generation_time": round(gen, 4), "stop_reason": _stop_reason(d.get("finish_reason", "stop"))}
+
+    def usage(self) -> dict[str, int]:
+        p = int(self.done.get("prompt_tokens", 0))
+        c = int(self.done.get("completion_tokens", 0))
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _stop_reason(finish: str) -> str:
+    return {"stop": "eosFound", "length": "maxPredictedTokensReached", "cancelled": "userStopped"}.get(finish, finish)
+
+
+class Inference:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    async def check(self, body: ChatRequest | CompletionRequest | EmbeddingRequest, kind: str) -> ModelEntry:
+        """Everything that can be refused before a load: unknown model, JIT off, wrong kind of model,
+        max_tokens beyond the context the model has or would get."""
+        try:
+            entry, n_ctx, _loaded = await self.scheduler.target(body.model)
+        except LmsError as exc:
+            raise from_lms_error(exc) from None
+        if kind in ("chat", "completion") and entry.type == "embedding":
+            raise HttpError(400, f"'{entry.key}' is an embedding model; use /v1/embeddings", param="model",
+                            code="model_not_supported")
+        max_tokens = getattr(body, "max_tokens", None)
+        if max_tokens is not None and max_tokens > n_ctx:
+            raise HttpError(400, f"max_tokens is {max_tokens}, more than the context length of '{entry.key}' "
+                                 f"({n_ctx} tokens)", param="max_tokens", code="context_length_exceeded")
+        return entry
+
+    async def start(self, request: Request, body: ChatRequest | CompletionRequest, kind: str,
+                    endpoint: str) -> Generation:
+        """Takes a slot (JIT-loading if needed) and waits for the first token, giving up if the client leaves."""
+        entry = await self.check(body, kind)
+        params = body.worker_params()
+        started = time.perf_counter()
+
+        async def begin() -> Generation:
+            lease = await self.scheduler.acquire(body.model, body.ttl)
+            stream = lease.worker.generate(kind, params)
+            try:
+                first = await stream.__anext__()
+            except BaseException:
+                await _close(stream)
+                self.scheduler.release(lease)
+                raise
+            return Generation(lease, entry, stream, first, started, endpoint)
+
+        try:
+            return await until_disconnect(request, begin())
+        except LmsError as exc:
+            self._record_failure(body.model, endpoint, exc, started)
+            raise from_lms_error(exc) from None
+
+    async def collect(self, request: Request, gen: Generation) -> str:
+        """Runs a non-streaming generation to its end; returns the text."""
+        parts: list[str] = []
+
+        async def drain() -> None:
+            event = gen.first
+            while True:
+                if event["ev"] == "token":
+                    parts.append(event["text"])
+                elif event["ev"] == "done":
+                    gen.done = event
+                    return
+                event = await gen.stream.__anext__()
+
+        try:
+            await until_disconnect(request, drain())
+        except ClientGone:
+            gen.status = "client disconnected"
+            raise
+        except LmsError as exc:
+            gen.status = f"error: {exc.message}"
+            raise from_lms_error(exc) from None
+        finally:
+            await self.finish(gen)
+        return "".join(parts)
+
+    async def tokens(self, gen: Generation) -> AsyncIterator[str]:
+        """The text pieces of a streaming generation; `gen.done` is set when it ends normally."""
+        event = gen.first
+        try:
+            while True:
+                if event["ev"] == "token":
+                    yield event["text"]
+                elif event["ev"] == "done":
+                    gen.done = event
+                    return
+                event = await gen.stream.__anext__()
+        except asyncio.CancelledError:
+            gen.status = "client disconnected"
+            raise
+        except LmsError as exc:
+            gen.status = f"error: {exc.message}"
+            raise
+
+    async def finish(self, gen: Generation) -> None:
+        """Gives the slot back (exactly once) and reports the request."""
+        if gen.closed:
+            return
+        gen.closed = True
+        await _close(gen.stream)
+        self.scheduler.release(gen.lease)
+        if not gen.done and gen.status == "ok":
+            gen.status = "client disconnected"
+        usage, stats = gen.usage(), gen.stats()
+        fields = {
+            "endpoint": gen.endpoint, "status": gen.status, "prompt_tokens": str(usage["prompt_tokens"]),
+            "completion_tokens": str(usage["completion_tokens"]),
+            "tokens_per_second": f"{stats['tokens_per_second']:.1f}",
+            "duration": f"{time.perf_counter() - gen.started:.3f}",
+        }
+        log.info("request %s %s: %s, %s in / %s out tokens, %s tok/s", gen.endpoint, gen.identifier, gen.status,
+                 fields["prompt_tokens"], fields["completion_tokens"], fields["tokens_per_second"])
+        self.scheduler.emit(SchedulerEvent("request", gen.identifier, gen.entry.key, fields=fields))
+
+    async def embed(self, request: Request, body: EmbeddingRequest) -> tuple[dict[str, Any], str]:
+        entry = await self.check(body, "embedding")
+        started = time.perf_counter()
+
+        async def run() -> tuple[dict[str, Any], str]:
+            lease = await self.scheduler.acquire(body.model, body.ttl)
+            try:
+                result = await lease.worker.embed(body.inputs, embedding_model=entry.type == "embedding")
+                return result, lease.instance.identifier
+            finally:
+                self.scheduler.release(lease)
+
+        try:
+            result, identifier = await until_disconnect(request, run())
+        except LmsError as exc:
+            self._record_failure(body.model, "/embeddings", exc, started)
+            raise from_lms_error(exc) from None
+        self.scheduler.emit(SchedulerEvent("request", identifier, entry.key, fields={
+            "endpoint": "/embeddings", "status": "ok", "prompt_tokens": str(result.get("prompt_tokens", 0)),
+            "completion_tokens": "0", "inputs": str(len(body.inputs)),
+            "duration": f"{time.perf_counter() - started:.3f}"}))
+        return result, identifier
+
+    def _record_failure(self, model: str, endpoint: str, exc: LmsError, started: float) -> None:
+        self.scheduler.emit(SchedulerEvent("request", model, model, fields={
+            "endpoint": endpoint, "status": f"error: {exc.message}",
+            "duration": f"{time.perf_counter() - started:.3f}"}))
+
+
+async def _close(stream: AsyncIterator[dict[str, Any]]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it (and raising ClientGone) if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise ClientGone()
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+class CleanupStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always runs `cleanup` — after a normal end, a client disconnect, or an error —
+    so a streaming request's slot on its instance is given back in every case."""
+
+    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(content, media_type="text/event-stream", **kwargs)
+        self._cleanup = cleanup
+        self.headers["Cache-Control"] = "no-cache"
+        self.headers["X-Accel-Buffering"] = "no"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self._cleanup())

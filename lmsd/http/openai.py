@@ -1,0 +1,120 @@
+"""The OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+
+The shapes of responses and stream chunks live here; LM Studio's /api/v0 (lmstudio.py) reuses them and adds
+its `stats`, `model_info` and `runtime`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
+from lmsd.http.parsing import parse_body
+from lmsd.http.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
+
+Extra = Callable[[Generation], dict[str, Any]]
+
+
+def _no_extra(_gen: Generation) -> dict[str, Any]:
+    return {}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def chat_completion(request: Request, inference: Inference, endpoint: str, extra: Extra = _no_extra) -> Response:
+    body = await parse_body(request, ChatRequest)
+    gen = await inference.start(request, body, "chat", endpoint)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    base = {"id": rid, "created": created, "model": gen.identifier, "system_fingerprint": gen.identifier}
+    if not body.stream:
+        text = await inference.collect(request, gen)
+        return JSONResponse({
+            **base, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": gen.done.get("finish_reason", "stop")}],
+            "usage": gen.usage(), **extra(gen),
+        })
+
+    async def events() -> AsyncIterator[str]:
+        chunk = {**base, "object": "chat.completion.chunk"}
+        yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
+        async for text in inference.tokens(gen):
+            yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
+                                             "finish_reason": None}]})
+        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                         "finish_reason": gen.done.get("finish_reason", "stop")}], **extra(gen)})
+        if body.include_usage:
+            yield sse({**chunk, "choices": [], "usage": gen.usage()})
+        yield sse("[DONE]")
+
+    return CleanupStreamingResponse(events(), cleanup=lambda: inference.finish(gen))
+
+
+async def text_completion(request: Request, inference: Inference, endpoint: str, extra: Extra = _no_extra) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    gen = await inference.start(request, body, "completion", endpoint)
+    base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": gen.identifier, "system_fingerprint": gen.identifier}
+    if not body.stream:
+        text = await inference.collect(request, gen)
+        return JSONResponse({
+            **base,
+            "choices": [{"index": 0, "text": text, "logprobs": None,
+                         "finish_reason": gen.done.get("finish_reason", "stop")}],
+            "usage": gen.usage(), **extra(gen),
+        })
+
+    async def events() -> AsyncIterator[str]:
+        async for text in inference.tokens(gen):
+            yield sse({**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]})
+        yield sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                        "finish_reason": gen.done.get("finish_reason", "stop")}], **extra(gen)})
+        if body.include_usage:
+            yield sse({**base, "choices": [], "usage": gen.usage()})
+        yield sse("[DONE]")
+
+    return CleanupStreamingResponse(events(), cleanup=lambda: inference.finish(gen))
+
+
+async def embeddings(request: Request, inference: Inference) -> Response:
+    body = await parse_body(request, EmbeddingRequest)
+    result, identifier = await inference.embed(request, body)
+    tokens = int(result.get("prompt_tokens", 0))
+    return JSONResponse({
+        "object": "list",
+        "data": [{"object": "embedding", "embedding": vec, "index": i} for i, vec in enumerate(result["data"])],
+        "model": identifier,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+
+
+def router(inference: Inference, list_models: Callable[[], Any]) -> APIRouter:
+    r = APIRouter(prefix="/v1")
+
+    @r.get("/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": await list_models()})
+
+    @r.post("/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await chat_completion(request, inference, "/v1/chat/completions")
+
+    @r.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await text_completion(request, inference, "/v1/completions")
+
+    @r.post("/embeddings")
+    async def embed(request: Request) -> Response:
+        return await embeddings(request, inference)
+
+    return r

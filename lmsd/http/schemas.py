@@ -1,0 +1,174 @@
+"""Request bodies the HTTP endpoint accepts, validated before any model is touched.
+
+Fields follow OpenAI's API plus LM Studio's extensions (`ttl`, `ignore_eos`); unknown fields are ignored, as
+OpenAI-compatible servers do. Every rule here answers 400 with the offending field named in `param`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+MAX_TTL = 365 * 86400  # seconds; a larger ttl is a mistake, not a plan
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+Number = Annotated[float, Field(strict=False)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    ttl: StrictInt | None = Field(default=None, ge=1, le=MAX_TTL)
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return v.strip()
+
+
+class _Sampling(_Request):
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: Number | None = Field(default=None, ge=0, le=5)
+    top_p: Number | None = Field(default=None, ge=0, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    min_p: Number | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    repeat_penalty: Number | None = Field(default=None, ge=0)
+    logit_bias: dict[str, Number] | None = None
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    n: StrictInt = 1
+    ignore_eos: StrictBool = False
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported: send several requests for several choices")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return [s for s in stops if s]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids; '{key}' is not")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def sampling_params(self) -> dict[str, Any]:
+        """What the worker passes to llama-cpp-python (only fields the client set)."""
+        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "presence_penalty",
+                 "frequency_penalty", "repeat_penalty", "logit_bias", "ignore_eos")
+        return {k: getattr(self, k) for k in names if getattr(self, k) not in (None, False)}
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        for part in v if isinstance(v, list) else []:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content parts of type '{part.get('type')}' are not supported; send text")
+        return v
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: str) -> str:
+        if v not in ROLES:
+            raise ValueError(f"unknown role '{v}'; use one of {', '.join(ROLES)}")
+        return v
+
+    def as_llama(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):  # OpenAI content parts, already checked to be text
+            content = "\n".join(part["text"] for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _max_tokens_alias(self) -> ChatRequest:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def worker_params(self) -> dict[str, Any]:
+        params = self.sampling_params()
+        params["messages"] = [m.as_llama() for m in self.messages]
+        if self.response_format is not None and self.response_format.type != "text":
+            params["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
+        return params
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    response_format: ResponseFormat | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("send exactly one prompt (a list of several is not supported)")
+        return v
+
+    def worker_params(self) -> dict[str, Any]:
+        params = self.sampling_params()
+        params["prompt"] = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if self.response_format is not None and self.response_format.type != "text":
+            params["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
+        return params
+
+
+class EmbeddingRequest(_Request):
+    input: str | list[str]
+    encoding_format: Literal["float"] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be empty")
+        if isinstance(v, list) and len(v) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return v
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -1,0 +1,279 @@
+"""The HTTP endpoint inside the daemon: the FastAPI app and the uvicorn server sharing lmsd's event loop.
+
+The daemon owns the signals, so uvicorn's own signal capture is switched off; the daemon stops the server
+as one step of its ordered shutdown. The listening socket is bound here first, so "port in use" becomes a
+clear error for `lms server start` instead of uvicorn exiting the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmsd.catalog import Catalog, ModelEntry
+from lmsd.config import Settings
+from lmsd.errors import FailedPrecondition, LmsError
+from lmsd.http import lmstudio, openai
+from lmsd.http.errors import HttpError, error_body, error_response, from_lms_error
+from lmsd.http.inference import ClientGone, Inference
+from lmsd.instance import Instance
+from lmsd.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a larger request body gets 413; prompts and embedding batches fit easily
+
+
+class ApiKeyStore:
+    """The optional API key, in its own file (mode 0600) so that it never appears in settings output or logs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get(self) -> str | None:
+        try:
+            key = self.path.read_text().strip()
+        except OSError:
+            return None
+        return key or None
+
+    def set(self, key: str | None) -> None:
+        if not key:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class _Guard:
+    """Pure ASGI middleware: the API key check (401) and the body size limit (413), before any route runs."""
+
+    def __init__(self, app: ASGIApp, api_key: Callable[[], str | None], limit: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = self.api_key()
+        if key is not None and scope.get("method") != "OPTIONS":
+            given = headers.get("authorization", "")
+            token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                why = "wrong API key" if token else "missing API key: send 'Authorization: Bearer <key>'"
+                await _send_json(send, 401, error_body(401, why, code="invalid_api_key"),
+                                 {"WWW-Authenticate": "Bearer"})
+                return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await _drain_and_refuse(receive, send, self.limit)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HttpError(413, _too_large(self.limit), code="request_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than the limit of {limit // (1024 * 1024)} MB"
+
+
+async def _drain_and_refuse(receive: Receive, send: Send, limit: int) -> None:
+    await _send_json(send, 413, error_body(413, _too_large(limit), code="request_too_large"), {"Connection": "close"})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Settings],
+               api_key: Callable[[], str | None], *, cors: bool) -> ASGIApp:
+    app = FastAPI(title="lmsd", docs_url=None, redoc_url=None, openapi_url=None)
+    inference = Inference(scheduler)
+
+    async def v1_models() -> list[dict[str, Any]]:
+        entries, instances = await _models(scheduler, catalog)
+        owned = {e.key: e.publisher or "local" for e in entries}
+        if settings().jit:
+            ids = [e.key for e in entries] + [i.identifier for i in instances if i.identifier not in owned]
+        else:
+            ids = [i.identifier for i in instances]
+        return [{"id": i, "object": "model", "created": 0, "owned_by": owned.get(i.split(":")[0], "local")}
+                for i in dict.fromkeys(ids)]
+
+    async def v0_models() -> list[dict[str, Any]]:
+        entries, instances = await _models(scheduler, catalog)
+        return [_v0_model(e, [i for i in instances if i.key == e.key]) for e in entries]
+
+    app.include_router(openai.router(inference, v1_models))
+    app.include_router(lmstudio.router(inference, v0_models))
+
+    @app.exception_handler(HttpError)
+    async def _http_error(_r: Request, exc: HttpError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(LmsError)
+    async def _lms_error(_r: Request, exc: LmsError) -> Response:
+        return error_response(from_lms_error(exc))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_r: Request, _exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client has left
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette(_r: Request, exc: StarletteHTTPException) -> Response:
+        msg = "no such endpoint; see /v1/models" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_r: Request, exc: RequestValidationError) -> Response:
+        return JSONResponse(error_body(400, str(exc)), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(_r: Request, exc: Exception) -> Response:
+        log.exception("internal error answering a request")
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
+
+    guarded: ASGIApp = _Guard(app, api_key, MAX_BODY_BYTES)
+    if cors:
+        guarded = CORSMiddleware(guarded, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    return guarded
+
+
+async def _models(scheduler: Scheduler, catalog: Catalog) -> tuple[list[ModelEntry], list[Instance]]:
+    entries = [e for e in await asyncio.to_thread(catalog.scan) if not e.error]
+    return entries, [i for i in scheduler.instances() if i.ready.done() and not i.draining]
+
+
+def _v0_model(entry: ModelEntry, instances: list[Instance]) -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "id": entry.key,
+        "object": "model",
+        "type": "embeddings" if entry.type == "embedding" else "llm",
+        "publisher": entry.publisher or "local",
+        "arch": entry.arch,
+        "compatibility_type": "gguf",
+        "quantization": entry.quantization,
+        "state": "loaded" if instances else "not-loaded",
+        "max_context_length": entry.max_context_length,
+    }
+    if instances:
+        model["loaded_context_length"] = instances[0].context_length
+    return model
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # lmsd owns SIGINT/SIGTERM and stops this server itself
+
+
+class HttpService:
+    """Starts and stops the HTTP endpoint on the daemon's loop."""
+
+    def __init__(self, make_app: Callable[[bool], Any]) -> None:
+        self.make_app = make_app
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+        self.bind = ""
+        self.cors = False
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self, port: int, bind: str, cors: bool) -> None:
+        if self.running:
+            if (port, bind, cors) == (self.port, self.bind, self.cors):
+                return
+            await self.stop()
+        sock = _bind(bind, port)
+        config = uvicorn.Config(self.make_app(cors), log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5, timeout_keep_alive=30)
+        server = _EmbeddedServer(config)
+        self._server, self.port, self.bind, self.cors = server, port, bind, cors
+        self._task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started:
+            if self._task.done():
+                exc = self._task.exception()
+                raise FailedPrecondition(f"the HTTP endpoint could not start on {bind}:{port}: {exc}")
+            await asyncio.sleep(0.01)
+        log.info("HTTP endpoint listening on http://%s:%d (cors %s)", _host(bind), port, "on" if cors else "off")
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self._task, 10)
+        self._server, self._task = None, None
+        log.info("HTTP endpoint stopped")
+
+    def url(self) -> str:
+        return f"http://{_host(self.bind)}:{self.port}" if self.running else ""
+
+
+def _host(bind: str) -> str:
+    return f"[{bind}]" if ":" in bind else bind
+
+
+def _bind(bind: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET  # a host name such as "localhost"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == 98:  # EADDRINUSE
+            raise FailedPrecondition(
+                f"port {port} on {bind} is already in use; pick another with `lms server start --port N`"
+            ) from None
+        raise FailedPrecondition(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
