@@ -46,7 +46,10 @@ class Daemon:
         self.settings_store = SettingsStore(paths.settings)
         self.catalog = Catalog(paths.models, paths.cache_dir / "catalog.json")
         self.pool = WorkerPool(paths.log_dir / "workers.log")
-        self.scheduler = Scheduler(self.catalog, self.pool, lambda: self.settings_store.settings)
+        # LMS_MAX_QUEUE: requests one instance holds waiting before answering 429 (default 16).
+        max_queue = int(os.environ.get("LMS_MAX_QUEUE", "16"))
+        self.scheduler = Scheduler(self.catalog, self.pool, lambda: self.settings_store.settings,
+                                   max_queue=max_queue)
         self.api_key = ApiKeyStore(paths.home / "api_key")
         self.http = HttpService(self._make_http_app)
         self._lock_fd: int | None = None

@@ -144,7 +144,7 @@ class Catalog:
             if changed:
                 self._write_cache()
         _assign_keys(entries)
-        return entries
+        return sorted(entries, key=lambda e: e.key)
 
     def resolve(self, name: str) -> ModelEntry:
         """The one model `name` means: a key, a unique key prefix, or a path relative to the models folder.

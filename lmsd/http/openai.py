@@ -6,7 +6,9 @@ its `stats`, `model_info` and `runtime`.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -90,12 +92,18 @@ async def embeddings(request: Request, inference: Inference) -> Response:
     body = await parse_body(request, EmbeddingRequest)
     result, identifier = await inference.embed(request, body)
     tokens = int(result.get("prompt_tokens", 0))
+    encode = _base64_floats if body.encoding_format == "base64" else (lambda v: v)
     return JSONResponse({
         "object": "list",
-        "data": [{"object": "embedding", "embedding": vec, "index": i} for i, vec in enumerate(result["data"])],
+        "data": [{"object": "embedding", "embedding": encode(vec), "index": i} for i, vec in enumerate(result["data"])],
         "model": identifier,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
+
+
+def _base64_floats(vec: list[float]) -> str:
+    """OpenAI's `encoding_format: base64`: little-endian float32s, base64-encoded (the openai SDK's default)."""
+    return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
 
 
 def router(inference: Inference, list_models: Callable[[], Any]) -> APIRouter:

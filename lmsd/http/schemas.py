@@ -158,7 +158,7 @@ class CompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Request):
     input: str | list[str]
-    encoding_format: Literal["float"] | None = None
+    encoding_format: Literal["float", "base64"] | None = None
 
     @field_validator("input")
     @classmethod

@@ -132,7 +132,7 @@ class Engine:
             self.chan.send(ev="done", id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0,
                            time_to_first_token=0.0, generation_time=0.0)
             return
-        counts = _TokenCounter()
+        counts = _TokenCounter(params.pop("_bias", {}))
         import llama_cpp
 
         # A pass-through logits processor sees every sampled token: exact usage for streams too.
@@ -170,10 +170,12 @@ class Engine:
 
     def _llama_params(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         """Translates the OpenAI-style extras llama-cpp-python does not take itself."""
+        # Logit bias is applied by our own logits processor (_TokenCounter): llama-cpp-python drops every other
+        # logits processor when it adds its own for `logit_bias`.
+        bias = {int(k): float(v) for k, v in (params.pop("logit_bias", None) or {}).items()}
         if params.pop("ignore_eos", False):
-            bias = dict(params.get("logit_bias") or {})
-            bias[str(self.llm.token_eos())] = -1e9
-            params["logit_bias"] = bias
+            bias[int(self.llm.token_eos())] = -1e9
+        params["_bias"] = bias
         fmt = params.pop("response_format", None)
         if fmt:
             schema = None
@@ -246,16 +248,20 @@ def _classify(exc: Exception) -> tuple[str, str]:
 
 
 class _TokenCounter:
-    """A logits processor that changes nothing and counts: prompt length and tokens sampled."""
+    """A logits processor that counts (prompt length, tokens sampled) and applies the request's logit bias."""
 
-    def __init__(self) -> None:
+    def __init__(self, bias: dict[int, float]) -> None:
         self.prompt_tokens = 0
         self.sampled = 0
+        self.bias = bias
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self.sampled == 0:
             self.prompt_tokens = len(input_ids)
         self.sampled += 1
+        for token, value in self.bias.items():
+            if 0 <= token < len(scores):
+                scores[token] += value
         return scores
 
 

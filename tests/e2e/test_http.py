@@ -1,0 +1,379 @@
+"""End to end: the HTTP endpoint of the real lmsd, through the `openai` SDK and plain HTTP.
+
+Models: `alpha` and `beta` are the tiny generated model (fast), `smollm2-135m-instruct` the real one (slow
+enough, ~100 tokens/s on CPU, for generations that last seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import pid_alive, wait_until
+from tests.e2e.conftest import Server
+
+SMOL = "smollm2-135m-instruct"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def chat(server: Server, model: str, **extra: Any) -> httpx.Response:
+    with server.client() as c:
+        return c.post("/v1/chat/completions", json={"model": model, "messages": HI, "max_tokens": 4, **extra})
+
+
+def identifiers(server: Server) -> list[str]:
+    return sorted(i["identifier"] for i in server.loaded())
+
+
+def log_text(server: Server) -> str:
+    return (server.home.root / "logs" / "lmsd.log").read_text()
+
+
+# ---------------------------------------------------------------- the openai SDK
+
+
+def test_openai_sdk_chat_stream_completions_embeddings(server: Server) -> None:
+    client: Any = server.openai()
+    models = [m.id for m in client.models.list()]
+    assert models == ["alpha", "beta", SMOL]  # JIT on: every downloaded model
+
+    reply = client.chat.completions.create(
+        model=SMOL, temperature=0, max_tokens=20,
+        messages=[{"role": "system", "content": "You are helpful."},
+                  {"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.model == SMOL and reply.usage.completion_tokens >= 3
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    pieces, usage, finish = [], None, None
+    for chunk in client.chat.completions.create(model="alpha", messages=HI, max_tokens=12, stream=True,
+                                                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert finish == "length" and "".join(pieces)
+    assert usage is not None and usage.completion_tokens == 12 and usage.prompt_tokens > 5
+
+    done = client.completions.create(model="beta", prompt="Once upon a time", max_tokens=7,
+                                     extra_body={"ignore_eos": True})
+    assert done.choices[0].text and done.usage.completion_tokens == 7 and done.choices[0].finish_reason == "length"
+
+    emb = client.embeddings.create(model="alpha", input=["hello world", "goodbye"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 64  # the tiny model's width
+    assert emb.data[0].embedding != emb.data[1].embedding and emb.usage.prompt_tokens > 0
+
+
+def test_plain_http_stream_is_sse_ending_with_done(server: Server) -> None:
+    with server.client() as c, c.stream("POST", "/v1/completions", json={
+            "model": "alpha", "prompt": "a", "max_tokens": 5, "stream": True, "ignore_eos": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_lm_studio_v0_api(server: Server) -> None:
+    with server.client() as c:
+        models = c.get("/api/v0/models").json()["data"]
+        smol = next(m for m in models if m["id"] == SMOL)
+        assert smol == {"id": SMOL, "object": "model", "type": "llm", "publisher": "HuggingFaceTB", "arch": "llama",
+                        "compatibility_type": "gguf", "quantization": "Q4_1", "state": "not-loaded",
+                        "max_context_length": 8192}
+        r = c.post("/api/v0/chat/completions", json={"model": SMOL, "messages": HI, "max_tokens": 5, "ttl": 60})
+        body = r.json()
+        assert r.status_code == 200, body
+        assert set(body["stats"]) == {"tokens_per_second", "time_to_first_token", "generation_time", "stop_reason"}
+        assert body["model_info"] == {"arch": "llama", "quant": "Q4_1", "format": "gguf", "context_length": 4096}
+        assert body["runtime"]["name"] == "llama-cpp-python"
+        one = c.get(f"/api/v0/models/{SMOL}").json()
+        assert one["state"] == "loaded" and one["loaded_context_length"] == 4096
+        assert c.get("/api/v0/models/nope").status_code == 404
+        comp = c.post("/api/v0/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 3}).json()
+        assert comp["stats"]["stop_reason"] in ("maxPredictedTokensReached", "eosFound")
+        emb = c.post("/api/v0/embeddings", json={"model": "alpha", "input": "x"}).json()
+        assert len(emb["data"][0]["embedding"]) == 64
+
+
+# ---------------------------------------------------------------- lifecycle through HTTP
+
+
+def test_jit_default_ttl_then_request_ttl_that_expires(server: Server) -> None:
+    assert chat(server, "alpha").status_code == 200
+    [inst] = server.loaded()
+    assert (inst["identifier"], inst["origin"], inst["ttl_seconds"]) == ("alpha", "jit", 3600)
+    assert chat(server, "alpha", ttl=2).status_code == 200  # loaded already: ttl accepted and ignored
+    assert server.loaded()[0]["ttl_seconds"] == 3600
+
+    assert chat(server, "beta", ttl=2).status_code == 200  # loads beta (evicting alpha) with ttl 2
+    [beta] = server.loaded()
+    assert (beta["identifier"], beta["ttl_seconds"]) == ("beta", 2)
+    wait_until(lambda: server.loaded() == [], timeout=15, what="beta's 2 s TTL")
+    assert not pid_alive(beta["pid"])
+    assert "TTL of beta (2s) ran out" in log_text(server)
+
+
+def test_steady_traffic_keeps_resetting_the_idle_timer(server: Server) -> None:
+    assert chat(server, "alpha", ttl=2).status_code == 200
+    pid = server.loaded()[0]["pid"]
+    end = time.monotonic() + 5
+    while time.monotonic() < end:  # a request every ~0.5 s for 5 s: longer than the TTL, never idle 2 s
+        assert chat(server, "alpha").status_code == 200
+        assert [i["pid"] for i in server.loaded()] == [pid]
+        time.sleep(0.5)
+    wait_until(lambda: server.loaded() == [], timeout=15, what="the TTL once traffic stops")
+
+
+def test_auto_evict_replaces_jit_models_but_never_manual(server: Server) -> None:
+    server.lms("load", "beta", "--identifier", "pinned", check=True)
+    assert chat(server, "alpha").status_code == 200
+    assert identifiers(server) == ["alpha", "pinned"]
+    assert chat(server, SMOL).status_code == 200  # JIT: alpha is evicted, the manual one stays
+    assert identifiers(server) == ["pinned", SMOL]
+    assert "unloaded alpha (reason: evict)" in log_text(server)
+    assert chat(server, "pinned").status_code == 200  # a manual instance serves by its identifier
+
+    server.lms("server", "settings", "--no-auto-evict", check=True)
+    assert chat(server, "alpha").status_code == 200
+    assert identifiers(server) == ["alpha", "pinned", SMOL]
+
+
+def test_jit_off(server: Server) -> None:
+    server.lms("server", "settings", "--no-jit", check=True)
+    r = chat(server, "alpha")
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and "lms load alpha" in err["message"]
+    with server.client() as c:
+        assert c.get("/v1/models").json()["data"] == []
+    server.lms("load", "alpha", check=True)
+    with server.client() as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["alpha"]
+    assert chat(server, "alpha").status_code == 200
+    assert identifiers(server) == ["alpha"]
+
+
+def test_six_concurrent_first_requests_make_one_instance(server: Server) -> None:
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: chat(server, SMOL).status_code, range(6)))
+    assert codes == [200] * 6
+    assert identifiers(server) == [SMOL]
+    assert log_text(server).count(f"loaded {SMOL} ") == 1
+
+
+def test_eviction_waits_for_a_running_stream_to_finish(server: Server) -> None:
+    client: Any = server.openai()
+    stream = client.chat.completions.create(model=SMOL, messages=HI, max_tokens=250, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    pieces, usage, finish = [], None, None
+    b_result: dict[str, Any] = {}
+
+    def request_b() -> None:
+        b_result["response"] = chat(server, "alpha")
+        b_result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=request_b)
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+        if len(pieces) == 10:
+            thread.start()  # B arrives while A is mid-stream: A must drain, not die
+            wait_until(lambda: any(i["status"] == "unloading" for i in server.loaded()), timeout=10,
+                       what="A to start draining")
+    a_done = time.monotonic()
+    thread.join(60)
+    assert finish == "length" and usage is not None and usage.completion_tokens == 250
+    assert b_result["response"].status_code == 200 and b_result["at"] >= a_done
+    assert identifiers(server) == ["alpha"]
+
+
+def test_short_ttl_never_fires_during_a_long_generation(server: Server) -> None:
+    started = time.monotonic()
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": SMOL, "messages": HI, "max_tokens": 250, "ttl": 1,
+                                                 "ignore_eos": True})
+    took = time.monotonic() - started
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 250
+    assert took > 1.5, f"the generation took only {took:.1f}s; the test needs it to outlast the TTL"
+    [inst] = server.loaded()  # still loaded right after: the TTL only starts now
+    assert inst["ttl_seconds"] == 1
+    wait_until(lambda: server.loaded() == [], timeout=10, what="the 1 s TTL after the generation")
+
+
+def test_client_disconnect_stops_generation_and_frees_the_instance(server: Server) -> None:
+    received = 0
+    with server.client() as c, c.stream("POST", "/v1/chat/completions", json={
+            "model": SMOL, "messages": HI, "max_tokens": 3000, "stream": True, "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                received += 1
+            if received == 5:
+                break
+    wait_until(lambda: server.loaded()[0]["status"] == "idle", timeout=5, what="the instance to be idle")
+    line = wait_until(lambda: re.search(r"request /v1/chat/completions smollm2-135m-instruct: client disconnected, "
+                                        r"\d+ in / (\d+) out", log_text(server)), timeout=5)
+    assert int(line.group(1)) < 60, line.group(0)  # stopped within a few tokens, not 3000
+    assert chat(server, SMOL).status_code == 200  # and the instance serves the next request
+
+
+def test_queue_full_answers_429_with_retry_after(home: Any, lms: Any, tiny_file: Any, smollm2_file: Any) -> None:
+    from tests.conftest import SMOLLM2_DEST
+    from tests.e2e.conftest import free_port
+
+    home.add(smollm2_file, SMOLLM2_DEST)
+    env = {**home.env, "LMS_MAX_QUEUE": "1"}
+    lms("daemon", "up", env=env, check=True)
+    port = free_port()
+    lms("server", "start", "--port", str(port), check=True)
+    server = Server(home, lms, f"http://127.0.0.1:{port}")
+    server.lms("load", SMOL, check=True)
+    long = {"max_tokens": 300, "ignore_eos": True}
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(chat, server, SMOL, **long)
+        wait_until(lambda: server.loaded()[0]["in_flight"] == 1, what="the first request to run")
+        queued = pool.submit(chat, server, SMOL, **long)
+        wait_until(lambda: server.loaded()[0]["queued"] == 1, what="the second request to queue")
+        refused = chat(server, SMOL)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+
+
+# ---------------------------------------------------------------- bad input
+
+
+BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
+    ("malformed json", b"{not json", 400, None),
+    ("messages not a list", {"model": "alpha", "messages": "hi"}, 400, "messages"),
+    ("messages empty", {"model": "alpha", "messages": []}, 400, "messages"),
+    ("unknown role", {"model": "alpha", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ("missing model", {"messages": HI}, 400, "model"),
+    ("unknown model", {"model": "no-such-model", "messages": HI}, 404, "model"),
+    ("path-like model", {"model": "../../etc/passwd", "messages": HI}, 400, "model"),
+    ("ttl -1", {"model": "alpha", "messages": HI, "ttl": -1}, 400, "ttl"),
+    ("ttl 0", {"model": "alpha", "messages": HI, "ttl": 0}, 400, "ttl"),
+    ("ttl string", {"model": "alpha", "messages": HI, "ttl": "abc"}, 400, "ttl"),
+    ("ttl float", {"model": "alpha", "messages": HI, "ttl": 1.5}, 400, "ttl"),
+    ("ttl huge", {"model": "alpha", "messages": HI, "ttl": 10**12}, 400, "ttl"),
+    ("max_tokens negative", {"model": "alpha", "messages": HI, "max_tokens": -5}, 400, "max_tokens"),
+    ("max_tokens beyond context", {"model": "alpha", "messages": HI, "max_tokens": 10**6}, 400, "max_tokens"),
+    ("n > 1", {"model": "alpha", "messages": HI, "n": 2}, 400, "n"),
+]
+
+
+def test_bad_requests_get_clear_errors_and_load_nothing(server: Server) -> None:
+    with server.client() as c:
+        for name, body, status, param in BAD_REQUESTS:
+            kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+            r = c.post("/v1/chat/completions", headers={"content-type": "application/json"}, **kwargs)
+            assert r.status_code == status, (name, r.text)
+            err = r.json()["error"]
+            assert err["message"] and err["type"] and err["param"] == param, (name, err)
+        big = c.post("/v1/chat/completions", content=b"x" * (50 * 1024 * 1024))
+        assert big.status_code == 413 and "larger than the limit" in big.json()["error"]["message"]
+        assert c.get("/v1/models").status_code == 200  # still answering
+    assert server.loaded() == []  # no bad request caused a JIT load
+
+
+def test_prompt_longer_than_context_is_400(server: Server) -> None:
+    server.lms("load", "alpha", "--context-length", "256", check=True)
+    with server.client() as c:
+        r = c.post("/v1/completions", json={"model": "alpha", "prompt": "hello " * 1000, "max_tokens": 4})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "context length of 256" in err["message"]
+    assert chat(server, "alpha").status_code == 200  # the daemon and the instance carry on
+
+
+# ---------------------------------------------------------------- server commands, API key, log stream
+
+
+def test_server_status_stop_start_and_restart_memory(server: Server) -> None:
+    status = server.lms.json("server", "status")
+    assert status["running"] is True and status["url"] == server.url and status["bind"] == "127.0.0.1"
+    server.lms("server", "stop", check=True)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/v1/models")
+    assert server.lms.json("server", "status")["running"] is False
+    server.lms("server", "start", check=True)  # the remembered port
+    assert httpx.get(server.url + "/v1/models").status_code == 200
+    server.lms("daemon", "down", check=True)
+    server.lms("daemon", "up", check=True)  # the endpoint comes back with the daemon
+    assert httpx.get(server.url + "/v1/models").status_code == 200
+    port = int(server.url.rsplit(":", 1)[1])
+    other = httpx.Client()
+    try:
+        busy = server.lms("server", "start", "--port", str(port), "--cors")  # restart on the same port
+        assert busy.returncode == 0, busy.stderr
+        r = other.options(server.url + "/v1/models", headers={"Origin": "http://x", "Access-Control-Request-Method": "GET"})
+        assert r.headers.get("access-control-allow-origin") == "*"
+    finally:
+        other.close()
+
+
+def test_port_in_use_is_a_clear_error(server: Server) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = server.lms("server", "start", "--port", str(port))
+    assert out.returncode == 1 and f"port {port} on 127.0.0.1 is already in use" in out.stderr
+
+
+def test_api_key(server: Server) -> None:
+    secret = "s3cret-key-123"
+    import subprocess
+
+    proc = subprocess.run([server.lms.exe, "server", "settings", "--api-key-set"], input=secret + "\n",
+                          env=server.home.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert server.lms.json("server", "settings")["api_key_set"] is True
+    key_file = server.home.root / "api_key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    with server.client() as c:
+        missing = c.get("/v1/models")
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    client: Any = server.openai(api_key=secret)
+    assert client.chat.completions.create(model="alpha", messages=HI, max_tokens=2).choices
+    assert secret not in log_text(server) and secret not in (server.home.root / "settings.json").read_text()
+    server.lms("server", "settings", "--api-key-clear", check=True)
+    assert httpx.get(server.url + "/v1/models").status_code == 200
+
+
+def test_log_stream_follows_loads_requests_and_unloads(server: Server) -> None:
+    import subprocess
+
+    proc = subprocess.Popen([server.lms.exe, "log", "stream", "--json"], env=server.home.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # let the watcher subscribe before the events happen
+        assert chat(server, "alpha", ttl=1).status_code == 200
+        wait_until(lambda: server.loaded() == [], timeout=15, what="the TTL")
+        events = []
+        while len(events) < 3:
+            events.append(json.loads(proc.stdout.readline()))  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    kinds = [(e["kind"], e.get("reason")) for e in events]
+    assert kinds == [("loaded", None), ("request", None), ("unloaded", "ttl")]
+    req = events[1]
+    assert req["identifier"] == "alpha" and req["status"] == "ok" and int(req["completion_tokens"]) > 0
+    assert float(req["tokens_per_second"]) > 0
