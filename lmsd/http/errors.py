@@ -48,5 +48,6 @@ def from_lms_error(exc: LmsError) -> HttpError:
         status = 400  # the named model cannot be loaded: not a fault of the server
     if isinstance(exc, WorkerGone) and "unloaded" in exc.message:
         status = 503  # ended by an unload, not a crash
-    param = "model" if exc.kind == "not_found" or exc.code in ("model_ambiguous", "model_load_failed", "invalid_model") else None
+    about_model = exc.kind == "not_found" or exc.code in ("model_ambiguous", "model_load_failed", "invalid_model")
+    param = "model" if about_model else None
     return HttpError(status, exc.message, param=param, code=exc.code, headers=headers)

@@ -53,8 +53,9 @@ def test_openai_sdk_chat_stream_completions_embeddings(server: Server) -> None:
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
     pieces, usage, finish = [], None, None
-    for chunk in client.chat.completions.create(model="alpha", messages=HI, max_tokens=12, stream=True,
-                                                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+    stream = client.chat.completions.create(model="alpha", messages=HI, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -318,7 +319,8 @@ def test_server_status_stop_start_and_restart_memory(server: Server) -> None:
     try:
         busy = server.lms("server", "start", "--port", str(port), "--cors")  # restart on the same port
         assert busy.returncode == 0, busy.stderr
-        r = other.options(server.url + "/v1/models", headers={"Origin": "http://x", "Access-Control-Request-Method": "GET"})
+        preflight = {"Origin": "http://x", "Access-Control-Request-Method": "GET"}
+        r = other.options(server.url + "/v1/models", headers=preflight)
         assert r.headers.get("access-control-allow-origin") == "*"
     finally:
         other.close()
