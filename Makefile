@@ -15,7 +15,7 @@ LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
 export LMS_TEST_CACHE ?= $(LMS_DEV_CACHE)/test-assets
 PYTEST_ARGS ?=
 
-.PHONY: install demo test unit lint protos clean-venv
+.PHONY: install demo test unit lint protos bench clean-venv
 
 install: $(DEPS_STAMP)
 	@# The venv is shared by clones: point its editable install at this checkout when it points elsewhere.
@@ -30,7 +30,7 @@ $(DEPS_STAMP): pyproject.toml constraints.txt
 		echo "building llama-cpp-python $(LLAMA_VERSION) from source (once; about 5 minutes on 2 cores)"; \
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip wheel --quiet --no-deps \
 			-w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); }
-	$(PY) -m pip install --quiet --find-links $(WHEELS) -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -c constraints.txt -e '.[dev,bench]'
 	@rm -f $(VENV)/.deps-*
 	@touch $@
 
@@ -47,6 +47,9 @@ unit: install
 lint: install
 	$(VENV)/bin/ruff check lmsd lmscli tests scripts bench
 	$(VENV)/bin/mypy lmsd lmscli
+
+bench: install
+	$(PY) bench/bench_http.py
 
 protos: install
 	$(PY) scripts/gen_protos.py

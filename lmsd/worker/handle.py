@@ -22,6 +22,8 @@ _READY_TIMEOUT = 120.0  # importing llama_cpp on a cold, busy machine can take a
 _STOP_TIMEOUT = 3.0
 _LINE_LIMIT = 256 * 1024 * 1024  # one protocol line may carry a batch of embeddings
 _ids = itertools.count(1)
+SPARE_DELAY_MAX = 120.0  # a load that takes longer than this no longer holds back the next spare
+SPARE_DELAY = 5.0  # seconds after a load before the next spare worker starts
 
 
 class WorkerProcess:
@@ -37,6 +39,7 @@ class WorkerProcess:
         self._exit_callbacks: list[Callable[[str], None]] = []
         self._stop_reason: str | None = None  # set when the daemon asked the worker to end
         self.exited = asyncio.Event()
+        self.load_done = asyncio.Event()  # set when a load has finished, however it ended
         self.exit_why = ""
         self._reader = asyncio.ensure_future(self._read())
 
@@ -139,9 +142,12 @@ class WorkerProcess:
                    embedding: bool = False) -> int:
         self._progress = progress
         self._load = asyncio.get_running_loop().create_future()
-        self._send(op="load", path=path, n_ctx=context_length, embedding=embedding)
-        result = await self._load
-        self._progress = None
+        try:
+            self._send(op="load", path=path, n_ctx=context_length, embedding=embedding)
+            result = await self._load
+        finally:
+            self._progress = None
+            self.load_done.set()
         if result.get("ev") == "load_error":
             raise ModelLoadFailed(f"llama.cpp could not load {Path(path).name}: {result.get('message')}")
         if result.get("ev") == "gone":
@@ -237,6 +243,7 @@ class WorkerPool:
         self.log_file = log_file
         self.spare_enabled = spare and os.environ.get("LMS_SPARE_WORKER", "1") != "0"
         self._spare: asyncio.Task[WorkerProcess] | None = None
+        self._after_load: asyncio.Future[None] | None = None
         self._closed = False
 
     def prestart(self) -> None:
@@ -257,8 +264,21 @@ class WorkerPool:
                 worker = None
         if worker is None:
             worker = await WorkerProcess.spawn(self.log_file)
-        self.prestart()
+        # The next spare starts a few seconds after this worker's load is over: importing llama_cpp takes a few
+        # hundred ms of CPU, and meanwhile it would slow down the load and the first request (on a 2-core
+        # machine, llama.cpp's threads need both cores).
+        self._after_load = asyncio.ensure_future(self._prestart_after(worker))
         return worker
+
+    async def _prestart_after(self, worker: WorkerProcess) -> None:
+        waits = [asyncio.ensure_future(worker.load_done.wait()), asyncio.ensure_future(worker.exited.wait())]
+        try:
+            await asyncio.wait(waits, timeout=SPARE_DELAY_MAX, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        await asyncio.sleep(SPARE_DELAY)
+        self.prestart()
 
     def spare_pid(self) -> int | None:
         if self._spare is not None and self._spare.done() and not self._spare.exception():
@@ -267,6 +287,8 @@ class WorkerPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._after_load is not None:
+            self._after_load.cancel()
         spare, self._spare = self._spare, None
         if spare is not None:
             try:

@@ -19,6 +19,7 @@ continuous batching (several sequences at once) replaces the engine, not the pro
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -265,6 +266,7 @@ class _TokenCounter:
         return scores
 
 
+@functools.cache
 def _physical_cores() -> int:
     try:
         import psutil
@@ -280,6 +282,8 @@ def main() -> None:
     sys.stdout = sys.stderr
     chan = Channel(proto_fd)
     import llama_cpp  # noqa: F401 - imported now so a spare worker is warm before it is needed
+
+    _physical_cores()  # imports psutil now too, not during a load
 
     engine = Engine(chan)
     threading.Thread(target=engine.run, name="engine", daemon=True).start()
