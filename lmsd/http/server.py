@@ -114,6 +114,16 @@ def _too_large(limit: int) -> str:
 
 
 async def _drain_and_refuse(receive: Receive, send: Send, limit: int) -> None:
+    """Reads (and drops) the body before answering 413: closing a socket with unread data makes the kernel
+    reset the connection, and the client would never see the answer. Beyond 8x the limit, just hang up."""
+    drained = 0
+    while drained <= 8 * limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return  # the client went away
+        drained += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
     await _send_json(send, 413, error_body(413, _too_large(limit), code="request_too_large"), {"Connection": "close"})
 
 
