@@ -141,8 +141,9 @@ class Inference:
             await self.finish(gen)
         return "".join(parts)
 
-    async def tokens(self, gen: Generation) -> AsyncIterator[str]:
-        """The text pieces of a streaming generation; `gen.done` is set when it ends normally."""
+    async def tokens(self, gen: Generation) -> AsyncIterator[str | HttpError]:
+        """The text pieces of a streaming generation; `gen.done` is set when it ends normally. A failure after
+        the response has started (the worker crashed) comes last, as an HttpError for the stream to report."""
         event = gen.first
         try:
             while True:
@@ -157,7 +158,7 @@ class Inference:
             raise
         except LmsError as exc:
             gen.status = f"error: {exc.message}"
-            raise
+            yield from_lms_error(exc)
 
     async def finish(self, gen: Generation) -> None:
         """Gives the slot back (exactly once) and reports the request."""

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from lmsd.http.errors import HttpError, error_body
 from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
 from lmsd.http.parsing import parse_body
 from lmsd.http.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -51,6 +52,9 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
         yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
         async for text in inference.tokens(gen):
+            if isinstance(text, HttpError):
+                yield sse(error_body(text.status, text.message, text.param, text.code))
+                return
             yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
                                              "finish_reason": None}]})
         yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
@@ -78,6 +82,9 @@ async def text_completion(request: Request, inference: Inference, endpoint: str,
 
     async def events() -> AsyncIterator[str]:
         async for text in inference.tokens(gen):
+            if isinstance(text, HttpError):
+                yield sse(error_body(text.status, text.message, text.param, text.code))
+                return
             yield sse({**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]})
         yield sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
                                         "finish_reason": gen.done.get("finish_reason", "stop")}], **extra(gen)})

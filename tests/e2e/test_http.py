@@ -379,3 +379,41 @@ def test_log_stream_follows_loads_requests_and_unloads(server: Server) -> None:
     req = events[1]
     assert req["identifier"] == "alpha" and req["status"] == "ok" and int(req["completion_tokens"]) > 0
     assert float(req["tokens_per_second"]) > 0
+
+
+def test_json_mode_constrains_the_output(server: Server) -> None:
+    # The tiny model writes random words; under response_format the grammar forces JSON from the first token.
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "alpha", "messages": HI, "max_tokens": 24,
+                                                 "response_format": {"type": "json_object"}})
+        free = c.post("/v1/chat/completions", json={"model": "alpha", "messages": HI, "max_tokens": 24})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
+    assert not free.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
+
+
+def test_worker_crash_mid_request_is_500_and_the_daemon_carries_on(server: Server) -> None:
+    import os
+    import signal
+
+    long = {"max_tokens": 3000, "ignore_eos": True}
+    with ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(chat, server, SMOL, **long)
+        [inst] = wait_until(lambda: [i for i in server.loaded() if i["in_flight"] == 1], what="a running request")
+        os.kill(inst["pid"], signal.SIGKILL)
+        r = plain.result()
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["code"] == "worker_gone" and "SIGKILL" in err["message"]
+
+    client: Any = server.openai()
+    stream = client.chat.completions.create(model=SMOL, messages=HI, stream=True, max_tokens=3000,
+                                            extra_body={"ignore_eos": True})
+    import openai
+
+    with pytest.raises(openai.APIError, match="SIGKILL"):
+        for n, _chunk in enumerate(stream):
+            if n == 3:
+                os.kill(server.loaded()[0]["pid"], signal.SIGKILL)
+    assert chat(server, SMOL).status_code == 200  # loaded afresh, just in time
+    assert server.lms("daemon", "status").returncode == 0
