@@ -173,11 +173,11 @@ def main() -> None:
         bare_runs = []
         for _ in range(args.runs):
             started = time.perf_counter()
-            llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=physical_cores(),
-                                  n_threads_batch=os.cpu_count() or 1, verbose=False)
-            next(iter(llm.create_completion(PROMPT, max_tokens=1, stream=True)))
+            cold_llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=physical_cores(),
+                                       n_threads_batch=os.cpu_count() or 1, verbose=False)
+            next(iter(cold_llm.create_completion(PROMPT, max_tokens=1, stream=True)))
             bare_runs.append(time.perf_counter() - started)
-            del llm
+            cold_llm.close()
         cold["bare Llama() + first token"] = median(bare_runs)
 
         # Warm streaming: lmsd (model loaded by a warm-up request) versus in-process.
@@ -185,11 +185,11 @@ def main() -> None:
         results["lms HTTP (SSE)"] = repeat(lambda: measure_http(base, MODEL_KEY, args.tokens, extra), args.runs)
         lms(home, "unload", "--all")  # one model in memory at a time: same CPU for each contender
 
-        llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=physical_cores(),
-                              n_threads_batch=os.cpu_count() or 1, verbose=False)
-        measure_inprocess(llm, 8)
-        results["in-process llama-cpp-python"] = repeat(lambda: measure_inprocess(llm, args.tokens), args.runs)
-        del llm
+        warm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=physical_cores(),
+                               n_threads_batch=os.cpu_count() or 1, verbose=False)
+        measure_inprocess(warm, 8)
+        results["in-process llama-cpp-python"] = repeat(lambda: measure_inprocess(warm, args.tokens), args.runs)
+        warm.close()
 
         other_port = free_port()
         server = start_llama_cpp_server(model, other_port)
