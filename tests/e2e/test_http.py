@@ -417,3 +417,22 @@ def test_worker_crash_mid_request_is_500_and_the_daemon_carries_on(server: Serve
                 os.kill(server.loaded()[0]["pid"], signal.SIGKILL)
     assert chat(server, SMOL).status_code == 200  # loaded afresh, just in time
     assert server.lms("daemon", "status").returncode == 0
+
+
+def test_unload_lets_a_request_finish_within_grace_then_ends_it_clearly(server: Server) -> None:
+    server.lms("load", SMOL, check=True)
+    with ThreadPoolExecutor(1) as pool:
+        short = pool.submit(chat, server, SMOL, max_tokens=60, ignore_eos=True)
+        wait_until(lambda: server.loaded()[0]["in_flight"] == 1, what="the request to run")
+        server.lms("unload", SMOL, "--grace", "30", check=True)  # waits for the request, which finishes
+        assert short.result().status_code == 200
+        assert short.result().json()["usage"]["completion_tokens"] == 60
+
+        server.lms("load", SMOL, check=True)
+        endless = pool.submit(chat, server, SMOL, max_tokens=3000, ignore_eos=True)
+        wait_until(lambda: server.loaded()[0]["in_flight"] == 1, what="the request to run")
+        server.lms("unload", SMOL, "--grace", "1", check=True)
+        r = endless.result()
+    assert r.status_code == 503
+    assert "unloaded (lms unload) after a grace period of 1.0s" in r.json()["error"]["message"]
+    assert server.loaded() == []
