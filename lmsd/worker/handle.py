@@ -243,7 +243,7 @@ class WorkerPool:
         self.log_file = log_file
         self.spare_enabled = spare and os.environ.get("LMS_SPARE_WORKER", "1") != "0"
         self._spare: asyncio.Task[WorkerProcess] | None = None
-        self._after_load: asyncio.Future[None] | None = None
+        self._pending: set[asyncio.Future[None]] = set()  # "start the next spare later" tasks
         self._closed = False
 
     def prestart(self) -> None:
@@ -267,7 +267,9 @@ class WorkerPool:
         # The next spare starts a few seconds after this worker's load is over: importing llama_cpp takes a few
         # hundred ms of CPU, and meanwhile it would slow down the load and the first request (on a 2-core
         # machine, llama.cpp's threads need both cores).
-        self._after_load = asyncio.ensure_future(self._prestart_after(worker))
+        task = asyncio.ensure_future(self._prestart_after(worker))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
         return worker
 
     async def _prestart_after(self, worker: WorkerProcess) -> None:
@@ -287,8 +289,8 @@ class WorkerPool:
 
     async def close(self) -> None:
         self._closed = True
-        if self._after_load is not None:
-            self._after_load.cancel()
+        for task in list(self._pending):
+            task.cancel()
         spare, self._spare = self._spare, None
         if spare is not None:
             try:

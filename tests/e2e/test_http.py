@@ -436,3 +436,16 @@ def test_unload_lets_a_request_finish_within_grace_then_ends_it_clearly(server: 
     assert r.status_code == 503
     assert "unloaded (lms unload) after a grace period of 1.0s" in r.json()["error"]["message"]
     assert server.loaded() == []
+
+
+def test_logit_bias_and_stop_are_applied(server: Server) -> None:
+    with server.client() as c, c.stream("POST", "/v1/completions", json={
+            "model": "alpha", "prompt": "a", "max_tokens": 4, "stream": True, "logit_bias": {"1000": 100}}) as r:
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                 if line.startswith("data: {")]
+    pieces = [t for t in texts if t]
+    assert len(pieces) == 4 and len(set(pieces)) == 1  # the biased token, every time
+    with server.client() as c:
+        stopped = c.post("/v1/completions", json={"model": "alpha", "prompt": "a", "max_tokens": 4,
+                                                  "logit_bias": {"1000": 100}, "stop": [pieces[0].strip()]}).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["choices"][0]["text"].strip() == ""
