@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,40 @@ def test_socket_and_run_dir_are_private(home: Home, lms: Lms) -> None:
     lms("daemon", "up", check=True)
     assert (home.root / "run").stat().st_mode & 0o777 == 0o700
     assert (home.root / "run" / "lmsd.sock").stat().st_mode & 0o777 == 0o600
+
+
+def test_ambiguous_model_on_a_terminal_asks_which_one(home: Home, lms: Lms, tiny_file: Path) -> None:
+    """At a terminal (a pty here), `lms load` lists the candidates and loads the one the user picks."""
+    import pty
+    import select
+    import subprocess
+
+    home.add(tiny_file, "test/a/lms-tiny-alpha.F16.gguf")
+    home.add(tiny_file, "test/b/lms-tiny-beta.F16.gguf")
+    lms("daemon", "up", check=True)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([lms.exe, "load", "lms-tiny"], env=home.env, stdin=terminal, stdout=terminal,
+                            stderr=terminal, close_fds=True)
+    os.close(terminal)
+    seen = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 30
+        while marker not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:
+                    break
+        assert marker in seen, seen.decode(errors="replace")
+
+    read_until(b"Load which one")
+    text = seen.decode(errors="replace")
+    assert "1. lms-tiny-beta" in text and "2. lms-tiny-alpha" in text  # shorter (closer) match first
+    os.write(controller, b"2\n")
+    read_until(b"Loaded lms-tiny-alpha")
+    assert proc.wait(30) == 0
+    os.close(controller)
+    assert [i["identifier"] for i in loaded(lms)] == ["lms-tiny-alpha"]
