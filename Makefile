@@ -19,7 +19,8 @@ PYTEST_ARGS ?=
 
 install: $(DEPS_STAMP)
 	@# The venv is shared by clones: point its editable install at this checkout when it points elsewhere.
-	@$(PY) -c "import lmsd,sys; sys.exit(0 if lmsd.__file__.startswith('$(CURDIR)/') else 1)" 2>/dev/null || \
+	@# -P: without the current folder on sys.path, so the check sees what the installed scripts see.
+	@$(PY) -P -c "import lmsd,sys; sys.exit(0 if lmsd.__file__.startswith('$(CURDIR)/') else 1)" 2>/dev/null || \
 		$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
 $(DEPS_STAMP): pyproject.toml constraints.txt

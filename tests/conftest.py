@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.tinymodel import write_tiny_model
 
+REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_DEST = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAME = "lms-tiny-test.F16.gguf"
 TINY_KEY = "lms-tiny-test"
@@ -55,6 +56,8 @@ class Home:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("LMS_MODELS_DIR", "LMS_NO_AUTOSTART")}
         env["LMS_HOME"] = str(self.root)
+        # The daemon, its workers and the CLI run this checkout's code, whatever the venv's install points at.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         return env
 
     def add(self, source: Path, rel: str) -> Path:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lmscli.client import boundary, connect
+from lmscli.client import EXIT_UNREACHABLE, CliError, boundary, connect
 from lmscli.output import event_json, event_line
 
 app = typer.Typer(help="Follow what the daemon does.", no_args_is_help=True)
@@ -23,8 +23,16 @@ def stream(
 
     from lmsd.api.v1 import control_pb2 as pb
 
+    import grpc
+
     client = connect()
     print("streaming lmsd events (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    for event in client.stub.WatchEvents(pb.WatchEventsRequest()):
-        line = json.dumps(event_json(event)) if as_json else event_line(event)
-        print(line, flush=True)
+    try:
+        for event in client.stub.WatchEvents(pb.WatchEventsRequest()):
+            line = json.dumps(event_json(event)) if as_json else event_line(event)
+            print(line, flush=True)
+    except grpc.RpcError as exc:
+        # The daemon ends every stream when it shuts down (with UNAVAILABLE, CANCELLED or ABORTED).
+        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
+            raise
+    raise CliError("lmsd stopped; the event stream ended", EXIT_UNREACHABLE)
