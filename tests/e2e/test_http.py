@@ -371,9 +371,13 @@ def test_log_stream_follows_loads_requests_and_unloads(server: Server) -> None:
         events = []
         while len(events) < 3:
             events.append(json.loads(proc.stdout.readline()))  # type: ignore[union-attr]
+        server.lms("daemon", "down", check=True)
+        assert proc.wait(20) == 3  # the stream ends, and says why, when the daemon stops
+        assert "lmsd stopped; the event stream ended" in proc.stderr.read()  # type: ignore[union-attr]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
     kinds = [(e["kind"], e.get("reason")) for e in events]
     assert kinds == [("loaded", None), ("request", None), ("unloaded", "ttl")]
     req = events[1]
