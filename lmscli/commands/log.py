@@ -21,9 +21,9 @@ def stream(
     """Print loads, unloads (with the reason: ttl, evict, manual, crash) and one line per request."""
     import json
 
-    from lmsd.api.v1 import control_pb2 as pb
-
     import grpc
+
+    from lmsd.api.v1 import control_pb2 as pb
 
     client = connect()
     print("streaming lmsd events (Ctrl-C to stop)", file=sys.stderr, flush=True)
