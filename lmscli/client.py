@@ -159,8 +159,10 @@ class DaemonClient:
         out_path = self.paths.log_dir / "lmsd.out"
         with open(out_path, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "lmsd"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                # -P: the current folder is not put on sys.path (a folder named lmsd there must not shadow
+                # the package); the daemon runs from LMS_HOME, so it holds no user folder busy.
+                [sys.executable, "-P", "-m", "lmsd"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=self.paths.home,
                 start_new_session=True, close_fds=True,
             )
         deadline = time.monotonic() + START_TIMEOUT

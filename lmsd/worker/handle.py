@@ -51,7 +51,7 @@ class WorkerProcess:
             stderr = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "lmsd.worker",
+                sys.executable, "-P", "-m", "lmsd.worker",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
