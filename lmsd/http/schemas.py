@@ -35,7 +35,7 @@ class _Sampling(_Request):
     top_k: StrictInt | None = Field(default=None, ge=0)
     min_p: Number | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=-1, le=2**32 - 1)  # -1: random, as LM Studio takes it
     presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
     repeat_penalty: Number | None = Field(default=None, ge=0)
@@ -78,7 +78,10 @@ class _Sampling(_Request):
         """What the worker passes to llama-cpp-python (only fields the client set)."""
         names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "repeat_penalty", "logit_bias", "ignore_eos")
-        return {k: getattr(self, k) for k in names if getattr(self, k) not in (None, False)}
+        params = {k: getattr(self, k) for k in names if getattr(self, k) not in (None, False)}
+        if params.get("seed") == -1:
+            del params["seed"]
+        return params
 
 
 class ResponseFormat(BaseModel):

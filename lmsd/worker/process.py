@@ -243,7 +243,8 @@ def _classify(exc: Exception) -> tuple[str, str]:
             "tokens; shorten it or load the model with a larger --context-length")
     if isinstance(exc, ContextExceeded):
         return "context_length_exceeded", text
-    if isinstance(exc, (ValueError, TypeError, KeyError)):
+    if isinstance(exc, (ValueError, TypeError, KeyError)) or type(exc).__module__.startswith("jinja2"):
+        # Bad values, or messages the model's chat template refuses (jinja2 raises from the template itself).
         return "invalid_request_error", f"{type(exc).__name__}: {text}"
     return "internal_error", f"{type(exc).__name__}: {text}"
 

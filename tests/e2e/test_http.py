@@ -272,6 +272,10 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("max_tokens negative", {"model": "alpha", "messages": HI, "max_tokens": -5}, 400, "max_tokens"),
     ("max_tokens beyond context", {"model": "alpha", "messages": HI, "max_tokens": 10**6}, 400, "max_tokens"),
     ("n > 1", {"model": "alpha", "messages": HI, "n": 2}, 400, "n"),
+    ("seed out of range", {"model": "alpha", "messages": HI, "seed": 2**40}, 400, "seed"),
+    ("temperature a string", {"model": "alpha", "messages": HI, "temperature": "hot"}, 400, "temperature"),
+    ("image content", {"model": "alpha", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages.0.content"),
 ]
 
 
