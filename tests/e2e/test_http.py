@@ -125,10 +125,10 @@ def test_jit_default_ttl_then_request_ttl_that_expires(server: Server) -> None:
 
 
 def test_steady_traffic_keeps_resetting_the_idle_timer(server: Server) -> None:
-    assert chat(server, "alpha", ttl=2).status_code == 200
+    assert chat(server, "alpha", ttl=3).status_code == 200
     pid = server.loaded()[0]["pid"]
-    end = time.monotonic() + 5
-    while time.monotonic() < end:  # a request every ~0.5 s for 5 s: longer than the TTL, never idle 2 s
+    end = time.monotonic() + 7
+    while time.monotonic() < end:  # a request every ~0.5 s for 7 s: longer than the TTL, never idle 3 s
         assert chat(server, "alpha").status_code == 200
         assert [i["pid"] for i in server.loaded()] == [pid]  # `lms ps` itself takes a few tenths of a second
         time.sleep(0.1)
@@ -174,7 +174,7 @@ def test_six_concurrent_first_requests_make_one_instance(server: Server) -> None
 
 def test_eviction_waits_for_a_running_stream_to_finish(server: Server) -> None:
     client: Any = server.openai()
-    stream = client.chat.completions.create(model=SMOL, messages=HI, max_tokens=250, stream=True,
+    stream = client.chat.completions.create(model=SMOL, messages=HI, max_tokens=400, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     pieces, usage, finish = [], None, None
     b_result: dict[str, Any] = {}
@@ -196,7 +196,7 @@ def test_eviction_waits_for_a_running_stream_to_finish(server: Server) -> None:
                        what="A to start draining")
     a_done = time.monotonic()
     thread.join(60)
-    assert finish == "length" and usage is not None and usage.completion_tokens == 250
+    assert finish == "length" and usage is not None and usage.completion_tokens == 400
     assert b_result["response"].status_code == 200 and b_result["at"] >= a_done
     assert identifiers(server) == ["alpha"]
 
@@ -204,10 +204,10 @@ def test_eviction_waits_for_a_running_stream_to_finish(server: Server) -> None:
 def test_short_ttl_never_fires_during_a_long_generation(server: Server) -> None:
     started = time.monotonic()
     with server.client() as c:
-        r = c.post("/v1/chat/completions", json={"model": SMOL, "messages": HI, "max_tokens": 250, "ttl": 1,
+        r = c.post("/v1/chat/completions", json={"model": SMOL, "messages": HI, "max_tokens": 400, "ttl": 1,
                                                  "ignore_eos": True})
     took = time.monotonic() - started
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 250
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 400
     assert took > 1.5, f"the generation took only {took:.1f}s; the test needs it to outlast the TTL"
     [inst] = server.loaded()  # still loaded right after: the TTL only starts now
     assert inst["ttl_seconds"] == 1
@@ -241,7 +241,7 @@ def test_queue_full_answers_429_with_retry_after(home: Any, lms: Any, tiny_file:
     lms("server", "start", "--port", str(port), check=True)
     server = Server(home, lms, f"http://127.0.0.1:{port}")
     server.lms("load", SMOL, check=True)
-    long = {"max_tokens": 300, "ignore_eos": True}
+    long = {"max_tokens": 400, "ignore_eos": True}
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(chat, server, SMOL, **long)
         wait_until(lambda: server.loaded()[0]["in_flight"] == 1, what="the first request to run")
@@ -430,11 +430,11 @@ def test_worker_crash_mid_request_is_500_and_the_daemon_carries_on(server: Serve
 def test_unload_lets_a_request_finish_within_grace_then_ends_it_clearly(server: Server) -> None:
     server.lms("load", SMOL, check=True)
     with ThreadPoolExecutor(1) as pool:
-        short = pool.submit(chat, server, SMOL, max_tokens=60, ignore_eos=True)
+        short = pool.submit(chat, server, SMOL, max_tokens=250, ignore_eos=True)
         wait_until(lambda: server.loaded()[0]["in_flight"] == 1, what="the request to run")
         server.lms("unload", SMOL, "--grace", "30", check=True)  # waits for the request, which finishes
         assert short.result().status_code == 200
-        assert short.result().json()["usage"]["completion_tokens"] == 60
+        assert short.result().json()["usage"]["completion_tokens"] == 250
 
         server.lms("load", SMOL, check=True)
         endless = pool.submit(chat, server, SMOL, max_tokens=3000, ignore_eos=True)
