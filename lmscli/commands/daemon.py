@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from lmscli.client import EXIT_UNREACHABLE, CliError, DaemonClient, boundary, probe
-from lmscli.output import err, format_duration, print_json, stdout
+from lmscli.output import err, format_duration, http_json, print_json, stdout
 
 app = typer.Typer(help="Start, stop and inspect the lmsd daemon.", no_args_is_help=True)
 
@@ -68,6 +68,7 @@ def status(as_json: JsonOpt = False) -> None:
         raise typer.Exit(EXIT_UNREACHABLE)
     health = client.stub.Health(pb.HealthRequest(), timeout=5)
     version = client.stub.Version(pb.VersionRequest(), timeout=5)
+    http = client.stub.GetServerStatus(pb.ServerStatusRequest(), timeout=5)
     data = {
         "running": True,
         "pid": health.pid,
@@ -77,13 +78,16 @@ def status(as_json: JsonOpt = False) -> None:
         "llama_cpp_python": version.llama_cpp_python,
         "socket": str(client.paths.socket),
         "lms_home": health.lms_home,
+        "http": http_json(http),
     }
     if as_json:
         print_json(data)
         return
     stdout.print(
         f"lmsd {data['version']} is running (pid {data['pid']}, up {format_duration(health.uptime_seconds)}, "
-        f"{data['loaded']} model(s) loaded)\nsocket {data['socket']}"
+        f"{data['loaded']} model(s) loaded)\nsocket {data['socket']}\n"
+        + (f"HTTP endpoint {http.url}" if http.running else "HTTP endpoint stopped (lms server start)"),
+        markup=False,
     )
 
 

@@ -309,6 +309,7 @@ def test_prompt_longer_than_context_is_400(server: Server) -> None:
 def test_server_status_stop_start_and_restart_memory(server: Server) -> None:
     status = server.lms.json("server", "status")
     assert status["running"] is True and status["url"] == server.url and status["bind"] == "127.0.0.1"
+    assert server.lms.json("daemon", "status")["http"] == status
     server.lms("server", "stop", check=True)
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/v1/models")
