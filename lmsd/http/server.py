@@ -274,7 +274,9 @@ def _bind(bind: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET
     except ValueError:
         family = socket.AF_INET  # a host name such as "localhost"
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio only sets TCP_NODELAY on sockets whose
+    # proto says TCP. Without it, the SSE headers and first chunk meet Nagle + delayed ACK (+40 ms TTFT).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((bind, port))
