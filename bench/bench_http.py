@@ -104,11 +104,6 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def repeat(fn: Callable[[], Timing], n: int) -> tuple[float, float]:
-    runs = [fn() for _ in range(n)]
-    return median([r.ttft for r in runs]), median([r.decode_tps for r in runs])
-
-
 def lms(home: Path, *args: str) -> str:
     env = {**os.environ, "LMS_HOME": str(home)}
     exe = Path(sys.executable).parent / "lms"
@@ -149,8 +144,8 @@ def main() -> None:
     (home / "models" / "bench").mkdir(parents=True)
     os.symlink(model, home / "models" / "bench" / model.name)
     port = free_port()
-    results: dict[str, tuple[float, float]] = {}
-    cold: dict[str, float] = {}
+    timings: dict[str, list[Timing]] = {}
+    cold_runs: dict[str, list[float]] = {"lms JIT first request": [], "bare Llama() + first token": []}
     server: subprocess.Popen[bytes] | None = None
     try:
         import llama_cpp
@@ -160,44 +155,39 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         extra = {"ignore_eos": True}
 
-        # Cold start first (nothing loaded yet): JIT load + first token, then unload; repeat.
-        # Each cold request comes to an idle daemon (as a first request after a TTL expiry does): the pause lets
-        # the daemon's spare worker finish starting, which is the point of having one.
-        jit_runs = []
+        # Cold start, interleaved: each JIT request comes to an idle daemon (as the first request after a TTL
+        # expiry does); the pause lets the daemon's spare worker finish starting, which is the point of it.
         for _ in range(args.runs):
             time.sleep(7)
-            t = measure_http(base, MODEL_KEY, 1, extra)
-            jit_runs.append(t.ttft)
+            cold_runs["lms JIT first request"].append(measure_http(base, MODEL_KEY, 1, extra).ttft)
             lms(home, "unload", "--all")
-        cold["lms JIT first request"] = median(jit_runs)
-        bare_runs = []
-        for _ in range(args.runs):
             started = time.perf_counter()
             cold_llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=physical_cores(),
                                        n_threads_batch=os.cpu_count() or 1, verbose=False)
             next(iter(cold_llm.create_completion(PROMPT, max_tokens=1, stream=True)))
-            bare_runs.append(time.perf_counter() - started)
+            cold_runs["bare Llama() + first token"].append(time.perf_counter() - started)
             cold_llm.close()
-        cold["bare Llama() + first token"] = median(bare_runs)
 
-        # Warm streaming: lmsd (model loaded by a warm-up request) versus in-process.
-        measure_http(base, MODEL_KEY, 8, extra)
-        results["lms HTTP (SSE)"] = repeat(lambda: measure_http(base, MODEL_KEY, args.tokens, extra), args.runs)
-        lms(home, "unload", "--all")  # one model in memory at a time: same CPU for each contender
-
+        # Warm streaming: every contender loaded at once (idle ones cost no CPU) and measured round-robin, so
+        # the machine's ups and downs fall on all of them alike.
         warm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=physical_cores(),
                                n_threads_batch=os.cpu_count() or 1, verbose=False)
-        measure_inprocess(warm, 8)
-        results["in-process llama-cpp-python"] = repeat(lambda: measure_inprocess(warm, args.tokens), args.runs)
-        warm.close()
-
+        contenders: dict[str, Callable[[], Timing]] = {
+            "lms HTTP (SSE)": lambda: measure_http(base, MODEL_KEY, args.tokens, extra),
+            "in-process llama-cpp-python": lambda: measure_inprocess(warm, args.tokens),
+        }
         other_port = free_port()
         server = start_llama_cpp_server(model, other_port)
         if server is not None:
             other = f"http://127.0.0.1:{other_port}"
             bias = {"logit_bias": {"2": -1e9}}  # SmolLM2's EOS id, as ignore_eos does
-            measure_http(other, "x", 8, bias)
-            results["llama_cpp.server (SSE)"] = repeat(lambda: measure_http(other, "x", args.tokens, bias), args.runs)
+            contenders["llama_cpp.server (SSE)"] = lambda: measure_http(other, "x", args.tokens, bias)
+        for run in contenders.values():
+            run()  # warm-up: loads the model (JIT for lms), fills caches
+        for _ in range(args.runs):
+            for name, run in contenders.items():
+                timings.setdefault(name, []).append(run())
+        warm.close()
     finally:
         if server is not None:
             server.terminate()
@@ -206,12 +196,14 @@ def main() -> None:
                        env={**os.environ, "LMS_HOME": str(home)}, capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
 
+    results = {name: (median([t.ttft for t in ts]), median([t.decode_tps for t in ts])) for name, ts in timings.items()}
+    cold = {name: median(values) for name, values in cold_runs.items()}
     report(results, cold, args)
 
 
 def report(results: dict[str, tuple[float, float]], cold: dict[str, float], args: argparse.Namespace) -> None:
     ref_ttft, ref_tps = results["in-process llama-cpp-python"]
-    print(f"\nSmolLM2-135M-Instruct Q4_1, {args.tokens} tokens, median of {args.runs} runs, "
+    print(f"\nSmolLM2-135M-Instruct Q4_1, {args.tokens} tokens, median of {args.runs} interleaved runs, "
           f"{os.cpu_count()} CPUs, n_ctx {N_CTX}\n")
     print(f"{'streaming':32} {'TTFT ms':>9} {'decode tok/s':>13} {'TTFT ratio':>11} {'tok/s ratio':>12}")
     for name, (ttft, tps) in results.items():
