@@ -50,16 +50,18 @@ def test_get_ls_load_ps_unload_with_smollm2(home: Home, lms: Lms, smollm2_file: 
 def test_ttl_expiry_and_unload_all(home: Home, lms: Lms, tiny_file: Path) -> None:
     home.add(tiny_file, f"test/tiny/{TINY_NAME}")
     lms("daemon", "up", check=True)
-    assert lms("load", TINY_KEY, "--ttl", "2", check=True).stdout.strip() == TINY_KEY
-    lms("load", TINY_KEY, check=True)  # a second instance, no TTL
-    ps = {i["identifier"]: i for i in loaded(lms)}
-    assert set(ps) == {TINY_KEY, f"{TINY_KEY}:2"}
-    assert ps[f"{TINY_KEY}:2"]["ttl_seconds"] is None
-    expiring_pid = ps[TINY_KEY]["pid"]
-    wait_until(lambda: [i["identifier"] for i in loaded(lms)] == [f"{TINY_KEY}:2"], timeout=15,
+    assert lms("load", TINY_KEY, check=True).stdout.strip() == TINY_KEY  # no TTL: stays
+    out = lms("load", TINY_KEY, "--ttl", "2", check=True)  # a second instance, 2 s idle TTL
+    assert out.stdout.strip() == f"{TINY_KEY}:2" and "idle TTL 2s" in out.stderr
+    log = home.root / "logs" / "lmsd.log"
+    match = re.search(rf"loaded {TINY_KEY}:2 \(.*ttl 2, pid (\d+)\)", log.read_text())
+    assert match, log.read_text()
+    expiring_pid = int(match.group(1))
+    wait_until(lambda: [i["identifier"] for i in loaded(lms)] == [TINY_KEY], timeout=15,
                what="the 2 s TTL to expire")
     assert not pid_alive(expiring_pid)
-    assert "TTL of lms-tiny-test (2s) ran out" in (home.root / "logs" / "lmsd.log").read_text()
+    assert loaded(lms)[0]["ttl_seconds"] is None
+    assert f"TTL of {TINY_KEY}:2 (2s) ran out" in log.read_text()
     lms("load", TINY_KEY, "--identifier", "mine", check=True)
     out = lms("unload", "--all", check=True)
     assert "mine" in out.stderr and loaded(lms) == []

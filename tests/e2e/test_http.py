@@ -116,12 +116,12 @@ def test_jit_default_ttl_then_request_ttl_that_expires(server: Server) -> None:
     assert chat(server, "alpha", ttl=2).status_code == 200  # loaded already: ttl accepted and ignored
     assert server.loaded()[0]["ttl_seconds"] == 3600
 
-    assert chat(server, "beta", ttl=2).status_code == 200  # loads beta (evicting alpha) with ttl 2
+    assert chat(server, "beta", ttl=3).status_code == 200  # loads beta (evicting alpha) with ttl 3
     [beta] = server.loaded()
-    assert (beta["identifier"], beta["ttl_seconds"]) == ("beta", 2)
-    wait_until(lambda: server.loaded() == [], timeout=15, what="beta's 2 s TTL")
+    assert (beta["identifier"], beta["ttl_seconds"]) == ("beta", 3)
+    wait_until(lambda: server.loaded() == [], timeout=15, what="beta's 3 s TTL")
     assert not pid_alive(beta["pid"])
-    assert "TTL of beta (2s) ran out" in log_text(server)
+    assert "TTL of beta (3s) ran out" in log_text(server)
 
 
 def test_steady_traffic_keeps_resetting_the_idle_timer(server: Server) -> None:
@@ -203,14 +203,21 @@ def test_eviction_waits_for_a_running_stream_to_finish(server: Server) -> None:
 
 def test_short_ttl_never_fires_during_a_long_generation(server: Server) -> None:
     started = time.monotonic()
-    with server.client() as c:
-        r = c.post("/v1/chat/completions", json={"model": SMOL, "messages": HI, "max_tokens": 400, "ttl": 1,
-                                                 "ignore_eos": True})
-    took = time.monotonic() - started
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 400
-    assert took > 1.5, f"the generation took only {took:.1f}s; the test needs it to outlast the TTL"
-    [inst] = server.loaded()  # still loaded right after: the TTL only starts now
-    assert inst["ttl_seconds"] == 1
+    checked, usage = False, None
+    body = {"model": SMOL, "messages": HI, "max_tokens": 400, "ttl": 1, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with server.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            usage = json.loads(line[6:]).get("usage") or usage
+            if not checked and time.monotonic() - started > 1.5:  # past the TTL, mid-generation
+                [inst] = server.loaded()
+                assert (inst["status"], inst["ttl_seconds"]) == ("busy", 1)
+                checked = True
+    assert checked, "the generation ended before it outlasted the TTL"
+    assert usage is not None and usage["completion_tokens"] == 400
+    assert "TTL of smollm2-135m-instruct (1s) ran out" not in log_text(server)
     wait_until(lambda: server.loaded() == [], timeout=10, what="the 1 s TTL after the generation")
 
 
