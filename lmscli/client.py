@@ -21,9 +21,8 @@ from lmsd.config import Paths
 if TYPE_CHECKING:
     from lmsd.api.v1.control_pb2_grpc import ControlStub
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 START_TIMEOUT = 60.0
-DEADLINE = 30.0  # seconds for a unary call; long operations (load, unload) pass their own
 EXIT_ALREADY_RUNNING = 4  # lmsd's exit code when another daemon holds the LMS_HOME lock
 
 P = ParamSpec("P")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import logging.handlers
@@ -21,9 +22,9 @@ from typing import Any
 
 from lmsd import __version__
 from lmsd.catalog import Catalog
-from lmsd.config import Paths, SettingsStore
+from lmsd.config import ApiKeyStore, Paths, SettingsStore
 from lmsd.errors import LmsError
-from lmsd.http.server import ApiKeyStore, HttpService
+from lmsd.http.server import HttpService
 from lmsd.scheduler import Scheduler
 from lmsd.worker.handle import WorkerPool
 
@@ -61,7 +62,9 @@ class Daemon:
                           cors=cors)
 
     async def start_http(self, port: int, bind: str, cors: bool) -> None:
-        """Starts (or restarts) the HTTP endpoint and remembers it, so the next daemon start brings it back."""
+        """Starts (or restarts) the HTTP endpoint and remembers it, so the next daemon start brings it back.
+        Raises ValueError for a bad port or address before anything is started."""
+        dataclasses.replace(self.settings_store.settings, port=port, bind=bind, cors=cors).validate()
         await self.http.start(port, bind, cors)
         self.settings_store.update(port=port, bind=bind, cors=cors, http_enabled=True)
 

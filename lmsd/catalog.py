@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from lmsd.gguf_header import GGUFError, read_header
@@ -206,7 +206,3 @@ def _disambiguate(group: list[ModelEntry], longer: object) -> None:
     for e in group:
         if counts[e.key] > 1:
             e.key = longer(e)  # type: ignore[operator]
-
-
-def entry_dict(entry: ModelEntry) -> dict[str, object]:
-    return asdict(entry)

@@ -159,18 +159,49 @@ class SettingsStore:
         return candidate
 
     def _write(self, settings: Settings) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".settings.", suffix=".tmp", dir=self.path.parent)
+        write_atomically(self.path, json.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True) + "\n")
+
+
+class ApiKeyStore:
+    """The optional HTTP API key, in its own file (mode 0600) so that it never appears in settings output or
+    logs. Read once at start-up and kept in memory: every HTTP request checks it, and only the daemon writes it
+    (`lms server settings --api-key-set/--api-key-clear`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(dataclasses.asdict(settings), f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
+            self._key: str | None = path.read_text().strip() or None
+        except OSError:
+            self._key = None
+
+    def get(self) -> str | None:
+        return self._key
+
+    def set(self, key: str | None) -> None:
+        if key:
+            write_atomically(self.path, key + "\n")
+        else:
             try:
-                os.unlink(tmp)
-            except OSError:
+                self.path.unlink()
+            except FileNotFoundError:
                 pass
-            raise
+        self._key = key or None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temp file (mode 0600) in the same folder, fsync and rename: readers see
+    the old file or the new one, never half of one; on failure the old file is untouched and no temp is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -63,7 +63,6 @@ class Instance:
     idle_since: float = 0.0
     last_used_unix: float = 0.0
     draining: bool = False
-    unload_reason: UnloadReason | None = None
     ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once removed from the table
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight + queued == 0
@@ -87,7 +86,7 @@ class Instance:
 
 @dataclass(frozen=True)
 class InstanceView:
-    """A snapshot of an instance for listings (lms ps, /api/v0/models)."""
+    """A snapshot of an instance for `lms ps` (ListLoaded)."""
 
     identifier: str
     model: str

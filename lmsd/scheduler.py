@@ -51,7 +51,7 @@ Clock = Callable[[], float]
 
 
 class Lease:
-    """One request's hold on an instance: taken by `acquire`, given back by `release` (or `async with`)."""
+    """One request's hold on an instance: taken by `acquire`, given back by `release` (exactly once)."""
 
     def __init__(self, scheduler: Scheduler, instance: Instance) -> None:
         self.scheduler = scheduler
@@ -62,12 +62,6 @@ class Lease:
     def worker(self) -> Worker:
         assert self.instance.worker is not None
         return self.instance.worker
-
-    async def __aenter__(self) -> Lease:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.scheduler.release(self)
 
 
 class Scheduler:
@@ -267,11 +261,6 @@ class Scheduler:
             self._check_open()
             inst = self._find_serving(model)
             if inst is None:
-                draining = [i for i in self._instances.values() if model in (i.identifier, i.key) and i.draining]
-                if draining:
-                    # The model is on its way out: wait until it is gone, then load it afresh.
-                    await draining[0].gone.wait()
-                    continue
                 inst = await self._jit_instance(model, ttl)
                 if inst is None:
                     continue  # a drain of this model just ended; look again
@@ -311,6 +300,8 @@ class Scheduler:
             raise self._jit_off_error(model)
         draining = [i for i in self._instances.values() if i.key == entry.key and i.draining]
         if draining:
+            # The model is on its way out (evicted, expiring, unloading): wait until it is gone, then load it
+            # afresh.
             await draining[0].gone.wait()
             return None  # look again from the start
         if settings.auto_evict:
@@ -401,7 +392,6 @@ class Scheduler:
             await inst.gone.wait()
             return
         inst.draining = True
-        inst.unload_reason = reason
         self._changed.set()
         if inst.ready.done() and (inst.in_flight or inst.waiters):
             log.info("draining %s (%d in flight, %d queued) before unload (%s)", identifier, inst.in_flight,

@@ -104,8 +104,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         return pb.UnloadResponse(identifiers=ids)
 
     async def ListLoaded(self, request: pb.ListLoadedRequest, context: Any) -> pb.ListLoadedResponse:
-        views = await asyncio.to_thread(self.scheduler.list_loaded)  # reads worker memory (psutil)
-        return pb.ListLoadedResponse(instances=[instance_pb(v) for v in views])
+        # On the loop, like every read of the instance table (a thread could see it change mid-iteration).
+        return pb.ListLoadedResponse(instances=[instance_pb(v) for v in self.scheduler.list_loaded()])
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         entries = await asyncio.to_thread(self.daemon.catalog.scan)
@@ -133,14 +133,15 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def UpdateSettings(self, request: pb.UpdateSettingsRequest, context: Any) -> pb.Settings:
         changes = {f: getattr(request, f) for f in ("jit", "auto_evict", "default_ttl", "port", "bind", "cors")
                    if request.HasField(f)}
+        key = request.api_key.strip() if request.HasField("api_key") else None
         try:
-            if request.HasField("api_key"):
-                key = request.api_key.strip()
-                if key and (len(key) < 8 or any(c.isspace() for c in key)):
-                    raise ValueError("an API key needs at least 8 characters and no spaces")
+            # Everything is checked before anything is written: a refused request changes nothing.
+            if key and (len(key) < 8 or any(c.isspace() for c in key)):
+                raise ValueError("an API key needs at least 8 characters and no spaces")
+            self.daemon.settings_store.update(**changes)
+            if key is not None:
                 self.daemon.api_key.set(key or None)
                 log.info("API key %s", "set" if key else "cleared")  # the key itself is never logged
-            self.daemon.settings_store.update(**changes)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OSError as exc:
@@ -182,14 +183,14 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         port = request.port if request.HasField("port") else s.port
         bind = request.bind if request.HasField("bind") else s.bind
         cors = request.cors if request.HasField("cors") else s.cors
-        if not 1 <= port <= 65535:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"port must be from 1 to 65535, got {port}")
         try:
             await self.daemon.start_http(port, bind, cors)
         except LmsError as exc:
             await _abort(context, exc)
-        except (ValueError, OSError) as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"could not save settings: {exc}")
         return self._http_pb()
 
     async def ServerStop(self, request: pb.ServerStopRequest, context: Any) -> pb.HttpStatus:

@@ -120,23 +120,16 @@ class Inference:
         parts: list[str] = []
 
         async def drain() -> None:
-            event = gen.first
-            while True:
-                if event["ev"] == "token":
-                    parts.append(event["text"])
-                elif event["ev"] == "done":
-                    gen.done = event
-                    return
-                event = await gen.stream.__anext__()
+            async for piece in self.tokens(gen):
+                if isinstance(piece, HttpError):
+                    raise piece
+                parts.append(piece)
 
         try:
             await until_disconnect(request, drain())
         except ClientGone:
             gen.status = "client disconnected"
             raise
-        except LmsError as exc:
-            gen.status = f"error: {exc.message}"
-            raise from_lms_error(exc) from None
         finally:
             await self.finish(gen)
         return "".join(parts)

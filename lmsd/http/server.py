@@ -12,10 +12,8 @@ import contextlib
 import hmac
 import ipaddress
 import logging
-import os
 import socket
 from collections.abc import Callable, Generator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -39,34 +37,6 @@ from lmsd.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a larger request body gets 413; prompts and embedding batches fit easily
-
-
-class ApiKeyStore:
-    """The optional API key, in its own file (mode 0600) so that it never appears in settings output or logs."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def get(self) -> str | None:
-        try:
-            key = self.path.read_text().strip()
-        except OSError:
-            return None
-        return key or None
-
-    def set(self, key: str | None) -> None:
-        if not key:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
 
 class _Guard:

@@ -239,9 +239,9 @@ class WorkerPool:
     """The worker factory the scheduler uses. Keeps one spare worker that has already imported llama_cpp,
     so a load starts at once instead of paying the interpreter and library start-up."""
 
-    def __init__(self, log_file: Path | None, *, spare: bool = True) -> None:
+    def __init__(self, log_file: Path | None) -> None:
         self.log_file = log_file
-        self.spare_enabled = spare and os.environ.get("LMS_SPARE_WORKER", "1") != "0"
+        self.spare_enabled = os.environ.get("LMS_SPARE_WORKER", "1") != "0"
         self._spare: asyncio.Task[WorkerProcess] | None = None
         self._pending: set[asyncio.Future[None]] = set()  # "start the next spare later" tasks
         self._closed = False
@@ -281,11 +281,6 @@ class WorkerPool:
                 w.cancel()
         await asyncio.sleep(SPARE_DELAY)
         self.prestart()
-
-    def spare_pid(self) -> int | None:
-        if self._spare is not None and self._spare.done() and not self._spare.exception():
-            return self._spare.result().pid
-        return None
 
     async def close(self) -> None:
         self._closed = True

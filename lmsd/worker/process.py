@@ -128,7 +128,7 @@ class Engine:
         rid = msg["id"]
         if self.llm is None:
             raise RuntimeError("no model loaded")
-        params = self._llama_params(msg.get("kind", "completion"), dict(msg.get("params") or {}))
+        params = self._llama_params(dict(msg.get("params") or {}))
         if rid in self.cancelled:  # the client left while this request waited in the queue
             self.chan.send(ev="done", id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0,
                            time_to_first_token=0.0, generation_time=0.0)
@@ -141,7 +141,6 @@ class Engine:
         started = time.perf_counter()
         first_token_at: float | None = None
         finish_reason = "stop"
-        text_parts = 0
         chunks = self._stream(msg.get("kind", "completion"), params)
         try:
             for text, reason in chunks:
@@ -151,7 +150,6 @@ class Engine:
                 if text:
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
-                    text_parts += 1
                     self.chan.send(ev="token", id=rid, text=text)
                 if reason:
                     finish_reason = reason
@@ -169,7 +167,7 @@ class Engine:
             generation_time=round(ended - started, 6),
         )
 
-    def _llama_params(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    def _llama_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Translates the OpenAI-style extras llama-cpp-python does not take itself."""
         # Logit bias is applied by our own logits processor (_TokenCounter): llama-cpp-python drops every other
         # logits processor when it adds its own for `logit_bias`.

@@ -21,6 +21,9 @@ def loaded(lms: Lms) -> list[dict]:
 def test_get_ls_load_ps_unload_with_smollm2(home: Home, lms: Lms, smollm2_file: Path) -> None:
     got = lms("get", "smollm2-135m-instruct", check=True)
     assert Path(got.stdout.strip()) == home.models / SMOLLM2_DEST
+    again = lms("get", "smollm2", check=True)  # the alias; the file is there and verified: nothing fetched
+    assert "already in" in again.stderr and "checksum verified" in again.stderr
+    assert not [p for p in home.models.rglob("*") if p.name.startswith(".")]  # no temp files left
     first = lms("ls", "--json", check=True)
     assert "lmsd is not running; starting it" in first.stderr  # autostart, said on stderr
     models = json.loads(first.stdout)

@@ -329,8 +329,8 @@ def test_server_status_stop_start_and_restart_memory(server: Server) -> None:
     port = int(server.url.rsplit(":", 1)[1])
     other = httpx.Client()
     try:
-        busy = server.lms("server", "start", "--port", str(port), "--cors")  # restart on the same port
-        assert busy.returncode == 0, busy.stderr
+        restarted = server.lms("server", "start", "--port", str(port), "--cors")  # new options, same port
+        assert restarted.returncode == 0, restarted.stderr
         preflight = {"Origin": "http://x", "Access-Control-Request-Method": "GET"}
         r = other.options(server.url + "/v1/models", headers=preflight)
         assert r.headers.get("access-control-allow-origin") == "*"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,15 @@ def test_lms_ps_does_not_import_llama_cpp_or_fastapi(home: Home, lms: Lms) -> No
     out = subprocess.run([sys.executable, "-c", code], env=home.env, capture_output=True, text=True, timeout=60)
     assert json.loads(out.stdout) == []
     assert "HEAVY=\n" in out.stderr, out.stderr
+
+
+def test_models_dir_can_live_elsewhere(home: Home, lms: Lms, tiny_file: Path, tmp_path: Path) -> None:
+    """LMS_MODELS_DIR points lms at an existing folder (an LM Studio models folder, say) instead of LMS_HOME's."""
+    elsewhere = tmp_path / "lmstudio-models"
+    (elsewhere / "someone" / "tiny").mkdir(parents=True)
+    os.symlink(tiny_file, elsewhere / "someone" / "tiny" / TINY_NAME)
+    env = {**home.env, "LMS_MODELS_DIR": str(elsewhere)}
+    out = lms("ls", "--json", env=env, check=True)
+    assert [(m["key"], m["path"]) for m in json.loads(out.stdout)] == [(TINY_KEY, f"someone/tiny/{TINY_NAME}")]
+    assert lms("load", TINY_KEY, env=env, check=True).stdout.strip() == TINY_KEY
+    assert not (home.root / "models").exists() or not any((home.root / "models").iterdir())
