@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lmscli.client import EXIT_USAGE, CliError
 from lmscli.output import err, stderr
-from lmsd.config import Paths
+from lmsd.config import Paths, replacing
 
 _CHUNK = 1 << 20
 
@@ -96,31 +96,19 @@ def write_atomically(src: object, target: Path, size: int, *, expect_sha256: str
     before the rename: a failed or interrupted write never leaves a partial model behind."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            console=stderr, transient=True, disable=not stderr.is_terminal,
-        ) as bar:
-            task = bar.add_task(label, total=size)
-            while chunk := src.read(_CHUNK):  # type: ignore[attr-defined]
-                out.write(chunk)
-                digest.update(chunk)
-                bar.advance(task, len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
-        if expect_sha256 and digest.hexdigest() != expect_sha256:
+    with replacing(target) as out, Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        console=stderr, transient=True, disable=not stderr.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=size)
+        while chunk := src.read(_CHUNK):  # type: ignore[attr-defined]
+            out.write(chunk)
+            digest.update(chunk)
+            bar.advance(task, len(chunk))
+        if expect_sha256 and digest.hexdigest() != expect_sha256:  # raised inside: nothing replaces target
             raise CliError(f"checksum mismatch for {label}: expected {expect_sha256}, got {digest.hexdigest()}; "
                            "nothing was written")
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def import_model(path: Path, *, mode: str, user_repo: str | None) -> Path:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -181,27 +183,30 @@ class ApiKeyStore:
         if key:
             write_atomically(self.path, key + "\n")
         else:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            except FileNotFoundError:
-                pass
         self._key = key or None
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a temp file (mode 0600) in the same folder, fsync and rename: readers see
-    the old file or the new one, never half of one; on failure the old file is untouched and no temp is left."""
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[BinaryIO]:
+    """A file to write that replaces `path` only if the `with` block ends normally: a temp file (mode 0600) in the
+    same folder, fsynced, then renamed. Readers see the old file or the new one, never half of one; on any
+    failure (an exception in the block included) the old file is untouched and no temp file is left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
+
+
+def write_atomically(path: Path, text: str) -> None:
+    with replacing(path) as f:
+        f.write(text.encode())

@@ -100,3 +100,17 @@ def test_rank_matches() -> None:
     assert rank_matches("instruct", keys)[0] == "qwen2.5-7b-instruct"
     assert rank_matches("smolm2", keys) == ["smollm2-135m-instruct"]  # a typo still finds it
     assert rank_matches("zzz", keys) == []
+
+
+def test_fetch_with_a_wrong_checksum_writes_nothing(tmp_path: Path) -> None:
+    import io
+
+    from lmscli.client import CliError
+    from lmscli.fetch import write_atomically as fetch_write
+
+    target = tmp_path / "models" / "pub" / "repo" / "m.gguf"
+    with pytest.raises(CliError, match="checksum mismatch"):
+        fetch_write(io.BytesIO(b"GGUF" * 1000), target, 4000, expect_sha256="0" * 64, label="m.gguf")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    fetch_write(io.BytesIO(b"GGUF"), target, 4, expect_sha256=None, label="m.gguf")
+    assert target.read_bytes() == b"GGUF" and [p.name for p in target.parent.iterdir()] == ["m.gguf"]
