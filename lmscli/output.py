@@ -78,7 +78,29 @@ def instance_json(i: Any) -> dict[str, Any]:
         "pid": i.pid,
         "in_flight": i.in_flight,
         "queued": i.queued,
+        "parallel": i.parallel,
+        "estimated_memory_bytes": i.estimated_memory_bytes,
+        "last_used_unix": round(i.last_used_unix, 3) if i.last_used_unix else None,
+        "message": i.message or None,
     }
+
+
+def memory_json(m: Any) -> dict[str, Any]:
+    return {"used_bytes": m.used_bytes, "budget_bytes": m.budget_bytes if m.HasField("budget_bytes") else None,
+            "available_bytes": m.available_bytes, "limit": m.limit}
+
+
+def memory_line(m: Any) -> str:
+    limit = {"auto": "auto: available memory less a safety margin", "off": "no budget"}.get(m.limit, "fixed")
+    budget = f"{format_bytes(m.budget_bytes)} budget" if m.HasField("budget_bytes") else "no budget"
+    return (f"Memory: {format_bytes(m.used_bytes) if m.used_bytes else '0 B'} used by loaded models of {budget} "
+            f"({limit}); the system has {format_bytes(m.available_bytes)} available")
+
+
+def estimate_json(e: Any) -> dict[str, Any]:
+    return {"model": e.model, "context_length": e.context_length, "estimated_memory_bytes": e.estimated_memory_bytes,
+            "budget_bytes": e.budget_bytes if e.HasField("budget_bytes") else None,
+            "available_bytes": e.available_bytes, "fits": e.fits}
 
 
 def ttl_cell(i: Any) -> str:
@@ -90,9 +112,11 @@ def ttl_cell(i: Any) -> str:
     return f"{format_duration(i.ttl_remaining_seconds)} / {total}"
 
 
-def print_instances(instances: list[Any]) -> None:
+def print_instances(instances: list[Any], memory: Any = None) -> None:
     if not instances:
         info("No models are loaded. Load one with `lms load <model>`.")
+        if memory is not None:
+            info(memory_line(memory))
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("IDENTIFIER", "MODEL", "STATUS", "ORIGIN", "SIZE", "MEMORY", "CONTEXT", "TTL"):
@@ -102,8 +126,13 @@ def print_instances(instances: list[Any]) -> None:
         if i.in_flight or i.queued:
             status += f" ({i.in_flight} running, {i.queued} queued)"
         table.add_row(i.identifier, i.model, status, i.origin, format_bytes(i.size_bytes),
-                      format_bytes(i.memory_bytes), str(i.context_length), ttl_cell(i))
+                      format_bytes(i.memory_bytes), str(i.context_length or "-"), ttl_cell(i))
     stdout.print(table)
+    for i in instances:
+        if i.status == "failed":
+            err(f"{i.identifier}: load failed: {i.message}")
+    if memory is not None:
+        info(memory_line(memory))
 
 
 # ---------------------------------------------------------------- lms ls
@@ -156,6 +185,10 @@ def settings_json(s: Any) -> dict[str, Any]:
         "bind": s.bind,
         "cors": s.cors,
         "api_key_set": s.api_key_set,
+        "memory_limit": int(s.memory_limit) if s.memory_limit.isdigit() else s.memory_limit,
+        "max_loaded_models": s.max_loaded_models,
+        "load_timeout": s.load_timeout,
+        "max_wait": s.max_wait,
     }
 
 
@@ -170,6 +203,11 @@ def print_settings(s: Any) -> None:
     table.add_row("port", str(s.port), "HTTP endpoint port")
     table.add_row("bind", s.bind, "HTTP endpoint address")
     table.add_row("cors", _on(s.cors), "answer cross-origin HTTP requests")
+    limit = format_bytes(int(s.memory_limit)) if s.memory_limit.isdigit() else s.memory_limit
+    table.add_row("memory_limit", limit, "memory budget of all loaded models (auto: available less a margin)")
+    table.add_row("max_loaded_models", str(s.max_loaded_models or "no limit"), "instances loaded at once")
+    table.add_row("load_timeout", f"{format_duration(s.load_timeout)}", "a load without progress this long is killed")
+    table.add_row("max_wait", f"{format_duration(s.max_wait)}", "how long a request may wait for its model")
     stdout.print(table)
     if s.warning:
         err(f"warning: {s.warning}")
@@ -220,6 +258,8 @@ def event_line(e: Any) -> str:
     if e.kind == "unloaded":
         why = f": {e.message}" if e.message else ""
         return f"{ts} unloaded {e.identifier} (reason {e.reason}{why})"
+    if e.kind == "load_failed":
+        return f"{ts} failed   {e.identifier}: {e.message}"
     if e.kind == "crashed":
         return f"{ts} crashed  {e.identifier}: {e.message}"
     return f"{ts} {e.kind} {e.message}".rstrip()

@@ -128,7 +128,7 @@ class Daemon:
             log.warning("settings: %s", self.settings_store.warning)
         log.info("lmsd %s listening on %s (pid %d, models in %s)", __version__, sock, os.getpid(), self.paths.models)
         self.pool.prestart()
-        timer = asyncio.ensure_future(self.scheduler.run_ttl_timer())
+        timer = asyncio.ensure_future(self.scheduler.run_timer())
         settings = self.settings_store.settings
         if settings.http_enabled:
             try:

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from lmsd.gguf_header import GGUFError, read_header
+from lmsd.gguf_header import GGUFError, array_length, read_header
 from lmsd.matching import is_unique_match, rank_matches
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,16 @@ log = logging.getLogger(__name__)
 # A trailing quantization tag in a file stem: ".Q4_1", "-q4_k_m", "-IQ3_XS", ".F16", "-bf16" ...
 _QUANT_TAG = re.compile(r"[.\-_](?:i?q\d[a-z0-9_]*|f16|f32|bf16|fp16|fp32)$", re.IGNORECASE)
 _EMBEDDING_ARCHS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "t5encoder", "modern-bert"}
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3  # 3: the header facts the memory estimate needs (n_layer ... n_vocab)
+
+# Upper bounds for header numbers (model files come from the internet). The largest real models are far below
+# each; a value outside [1, bound] or of the wrong type is read as 0, "unknown", and never raises.
+_MAX_LAYERS = 4096
+_MAX_HEADS = 16384
+_MAX_EMBD = 1 << 20
+_MAX_HEAD_DIM = 1 << 16
+_MAX_VOCAB = 1 << 24
+_MAX_CONTEXT = 1 << 30
 
 
 @dataclass
@@ -33,6 +42,14 @@ class ModelEntry:
     max_context_length: int = 0
     type: str = "llm"
     has_chat_template: bool = False
+    # What the memory estimate (lmsd/memory.py) needs from the header; 0 = unknown or implausible.
+    n_layer: int = 0
+    n_head: int = 0
+    n_head_kv: int = 0  # the largest per-layer value where the header gives one per layer
+    n_embd: int = 0
+    head_dim_k: int = 0
+    head_dim_v: int = 0
+    n_vocab: int = 0
     error: str = ""  # non-empty: the header could not be read; the model cannot be loaded
 
     @property
@@ -59,6 +76,42 @@ def _quant_name(file_type: object, filename: str) -> str:
     return m.group(0)[1:].upper() if m else ""
 
 
+def _bounded(value: object, maximum: int) -> int:
+    """value if it is an int in [1, maximum], else 0. A per-layer array gives its largest element, provided every
+    element is an int in [0, maximum] (0: a layer without the thing, e.g. no attention in a hybrid model)."""
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= maximum for v in value):
+            return 0
+        value = max(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= maximum:
+        return value
+    return 0
+
+
+def _shape(fields: dict[str, object], arch: str) -> dict[str, int]:
+    """The numbers the memory estimate needs, each validated on its own: one bad field makes that fact unknown."""
+    n_embd = _bounded(fields.get(f"{arch}.embedding_length"), _MAX_EMBD)
+    n_head = _bounded(fields.get(f"{arch}.attention.head_count"), _MAX_HEADS)
+    kv = fields.get(f"{arch}.attention.head_count_kv")
+    # Absent means no grouped-query attention (as many KV heads as heads); present but unreadable (a skipped
+    # per-layer array, a bad value) also falls back to n_head: more KV heads never underestimates the KV cache.
+    n_head_kv = _bounded(kv, _MAX_HEADS) or n_head
+    default_dim = n_embd // n_head if n_head else 0  # llama.cpp's default, integer division included
+    head_dim_k = _bounded(fields.get(f"{arch}.attention.key_length", default_dim), _MAX_HEAD_DIM)
+    head_dim_v = _bounded(fields.get(f"{arch}.attention.value_length", default_dim), _MAX_HEAD_DIM)
+    tokens = array_length(fields.get("tokenizer.ggml.tokens"))
+    n_vocab = _bounded(tokens, _MAX_VOCAB) if tokens is not None else 0
+    return {
+        "n_layer": _bounded(fields.get(f"{arch}.block_count"), _MAX_LAYERS),
+        "n_head": n_head,
+        "n_head_kv": n_head_kv,
+        "n_embd": n_embd,
+        "head_dim_k": head_dim_k,
+        "head_dim_v": head_dim_v,
+        "n_vocab": n_vocab or _bounded(fields.get(f"{arch}.vocab_size"), _MAX_VOCAB),
+    }
+
+
 def _describe(path: Path, rel: str, size: int) -> dict[str, object]:
     """Metadata from the header; never loads weights. Errors become the `error` field."""
     try:
@@ -66,16 +119,17 @@ def _describe(path: Path, rel: str, size: int) -> dict[str, object]:
     except (GGUFError, OSError) as exc:
         return {"error": str(exc)}
     fields = header.fields
-    arch = str(fields.get("general.architecture", ""))
-    ctx = fields.get(f"{arch}.context_length", 0)
+    arch = fields.get("general.architecture", "")
+    arch = arch if isinstance(arch, str) and len(arch) <= 64 else ""
     is_embedding = arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in fields and arch != "llama"
     return {
         "arch": arch,
         "quantization": _quant_name(fields.get("general.file_type"), path.name),
         "params": int(header.n_params),
-        "max_context_length": int(ctx) if isinstance(ctx, int) else 0,
+        "max_context_length": _bounded(fields.get(f"{arch}.context_length"), _MAX_CONTEXT),
         "type": "embedding" if is_embedding else "llm",
         "has_chat_template": isinstance(fields.get("tokenizer.chat_template"), str),
+        **_shape(fields, arch),
     }
 
 

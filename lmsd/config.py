@@ -83,6 +83,14 @@ class Settings:
     bind:         "127.0.0.1". Address the HTTP endpoint listens on; "0.0.0.0" exposes it on the network.
     cors:         false. Whether the HTTP endpoint answers cross-origin requests.
     http_enabled: false. Whether the HTTP endpoint was running; restored on the next daemon start.
+    memory_limit: "auto". The memory budget of all loaded models together: "auto" is what the system reports
+                  available at load time (plus what our workers hold) minus a safety margin; a number of bytes
+                  (>= 64 MiB) is a fixed budget; "off" means no budget.
+    max_loaded_models: 0 (no limit). At most this many instances, manual and JIT together; at the limit a load
+                  evicts the least recently used JIT instance, and is refused if only manual ones are left.
+    load_timeout: 300 seconds (>= 1). A load that reports no progress for this long is killed and reported.
+    max_wait:     300 seconds (>= 1). How long a request may wait for its model (its load, a swap, its queue)
+                  before it is refused with 503 and Retry-After.
     """
 
     jit: bool = True
@@ -92,6 +100,10 @@ class Settings:
     bind: str = "127.0.0.1"
     cors: bool = False
     http_enabled: bool = False
+    memory_limit: str | int = "auto"
+    max_loaded_models: int = 0
+    load_timeout: int = 300
+    max_wait: int = 300
 
     def validate(self) -> None:
         """Raises ValueError with a message a user can act on."""
@@ -101,9 +113,29 @@ class Settings:
             raise ValueError(f"port must be a whole number from 1 to 65535, got {self.port!r}")
         if not isinstance(self.bind, str) or not self.bind:
             raise ValueError(f"bind must be an address such as 127.0.0.1, got {self.bind!r}")
+        if self.memory_limit not in ("auto", "off") and (
+                not isinstance(self.memory_limit, int) or isinstance(self.memory_limit, bool)
+                or not MIN_MEMORY_LIMIT <= self.memory_limit <= MAX_MEMORY_LIMIT):
+            raise ValueError(
+                f"memory_limit must be auto, off, or a size from 64 MiB to 1 PiB, got {self.memory_limit!r}")
+        if not _whole(self.max_loaded_models, 0, 10_000):
+            raise ValueError(f"max_loaded_models must be a whole number from 0 (no limit) to 10000, "
+                             f"got {self.max_loaded_models!r}")
+        for name in ("load_timeout", "max_wait"):
+            if not _whole(getattr(self, name), 1, 365 * 24 * 3600):
+                raise ValueError(f"{name} must be a whole number of seconds from 1 to 31536000 (365 days), got "
+                                 f"{getattr(self, name)!r}")
         for name in ("jit", "auto_evict", "cors", "http_enabled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+MIN_MEMORY_LIMIT = 64 * 1024**2
+MAX_MEMORY_LIMIT = 1024**5
+
+
+def _whole(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 class SettingsStore:

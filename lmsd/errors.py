@@ -12,12 +12,16 @@ class LmsError(Exception):
 
     kind: Kind = "internal"
     code: str = "internal_error"  # OpenAI-style error code for the HTTP endpoint
+    http_status: int | None = None  # when HTTP's status differs from what `kind` maps to
+    retry_after: int | None = None  # seconds; sent as Retry-After with 429 and 503
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class ModelNotFound(LmsError):
@@ -38,11 +42,39 @@ class FailedPrecondition(LmsError):
 class QueueFull(LmsError):
     kind = "resource_exhausted"
     code = "queue_full"
+    retry_after = 1
+
+
+class ResourceExhausted(LmsError):
+    """A load refused because a limit (max_loaded_models) is filled by instances that are never evicted."""
+
+    kind = "resource_exhausted"
+    code = "max_loaded_models"
+    http_status = 503
+    retry_after = 30
+
+
+class InsufficientMemory(LmsError):
+    """A load refused because it cannot fit the memory budget even after every eviction allowed."""
+
+    kind = "resource_exhausted"
+    code = "insufficient_memory"
+    http_status = 503
+    retry_after = 30
+
+
+class WaitExceeded(LmsError):
+    """A request waited longer than max_wait for its model (other models held the memory meanwhile)."""
+
+    kind = "unavailable"
+    code = "model_busy"
+    retry_after = 5
 
 
 class Unavailable(LmsError):
     kind = "unavailable"
     code = "unavailable"
+    retry_after = 1
 
 
 class ModelLoadFailed(LmsError):

@@ -21,6 +21,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 # Arrays kept whole: short ones only. Token lists, merges and scores are skipped (the catalog needs none).
 _KEEP_ARRAY_MAX = 64
+_MAX_DEPTH = 4  # arrays of arrays are legal; a deeper nesting only serves to exhaust the stack
 
 
 class GGUFError(ValueError):
@@ -54,7 +55,9 @@ def _string(f: BinaryIO) -> str:
     return _read(f, n).decode("utf-8", errors="replace")
 
 
-def _value(f: BinaryIO, vtype: int, keep: bool = False) -> Any:
+def _value(f: BinaryIO, vtype: int, keep: bool = False, depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise GGUFError("arrays nested too deeply in header (corrupt file)")
     if vtype in _SCALARS:
         return _unpack(f, _SCALARS[vtype])
     if vtype == _STRING:
@@ -65,7 +68,7 @@ def _value(f: BinaryIO, vtype: int, keep: bool = False) -> Any:
         if count > _MAX_COUNT:
             raise GGUFError(f"implausible array length {count} in header (corrupt file)")
         if count <= _KEEP_ARRAY_MAX or keep:
-            return [_value(f, etype) for _ in range(count)]
+            return [_value(f, etype, depth=depth + 1) for _ in range(count)]
         if etype in _SCALARS:
             f.seek(count * struct.calcsize(_SCALARS[etype]), 1)
         elif etype == _STRING:
@@ -76,14 +79,25 @@ def _value(f: BinaryIO, vtype: int, keep: bool = False) -> Any:
                 f.seek(n, 1)
         else:
             for _ in range(count):
-                _value(f, etype)
-        return _SkippedArray(count)
+                _value(f, etype, depth=depth + 1)
+        return SkippedArray(count)
     raise GGUFError(f"unknown GGUF value type {vtype} (corrupt file)")
 
 
 @dataclass(frozen=True)
-class _SkippedArray:
+class SkippedArray:
+    """Stands for a long array the reader skipped (see `read_header`): only its element count is known."""
+
     length: int
+
+
+def array_length(value: object) -> int | None:
+    """The element count of a header array, kept or skipped; None when the value is not an array."""
+    if isinstance(value, SkippedArray):
+        return value.length
+    if isinstance(value, list):
+        return len(value)
+    return None
 
 
 def read_header(path: Path, keep_arrays: frozenset[str] = frozenset()) -> GGUFHeader:

@@ -43,6 +43,10 @@ def load(
         int | None, typer.Option("--context-length", "-c", callback=_positive, help="Context length in tokens.")
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Take the best match without asking.")] = False,
+    estimate_only: Annotated[
+        bool, typer.Option("--estimate-only", help="Print the memory the load would take and whether it fits.")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Load a model; prints the identifier to use with the API."""
     from lmsd.api.v1 import control_pb2 as pb
@@ -51,6 +55,10 @@ def load(
     listing = client.stub.ListModels(pb.ListModelsRequest(), timeout=60)
     key = _choose_model(model, [m.key for m in listing.models], yes, listing.models_dir)
     request = pb.LoadRequest(model=key, identifier=identifier or "", context_length=context_length or 0)
+    if estimate_only:
+        request.estimate_only = True
+        _print_estimate(next(iter(client.stub.Load(request, timeout=60))).estimate, as_json)
+        return
     if ttl is not None:
         request.ttl_seconds = int(ttl)
     instance = None
@@ -70,7 +78,29 @@ def load(
     ttl_text = f", idle TTL {format_duration(int(ttl))}" if ttl else ""
     err(f"Loaded {instance.model} as '{instance.identifier}' (context {instance.context_length}{ttl_text}). "
         f"Use the identifier '{instance.identifier}' in API requests.")
-    stdout.print(instance.identifier, markup=False)
+    if as_json:
+        print_json(instance_json(instance))
+    else:
+        stdout.print(instance.identifier, markup=False)
+
+
+def _print_estimate(est: object, as_json: bool) -> None:
+    from lmscli.output import estimate_json, format_bytes
+
+    data = estimate_json(est)
+    if as_json:
+        print_json(data)
+    else:
+        budget = format_bytes(data["budget_bytes"]) if data["budget_bytes"] is not None else "no budget"
+        stdout.print(f"{data['model']} at context {data['context_length']}: about "
+                     f"{format_bytes(data['estimated_memory_bytes'])} (budget {budget}, "
+                     f"{format_bytes(data['available_bytes'])} available): "
+                     f"{'fits' if data['fits'] else 'does not fit'}", markup=False)
+    detail = getattr(est, "detail", "")
+    if detail:
+        err(detail)
+    if not data["fits"]:
+        raise typer.Exit(1)
 
 
 def _choose_model(query: str, keys: list[str], yes: bool, models_dir: str) -> str:
@@ -135,11 +165,12 @@ def ps(as_json: JsonOpt = False) -> None:
     """List loaded models with their status, memory and idle TTL."""
     from lmsd.api.v1 import control_pb2 as pb
 
-    instances = list(connect().stub.ListLoaded(pb.ListLoadedRequest(), timeout=10).instances)
+    response = connect().stub.ListLoaded(pb.ListLoadedRequest(), timeout=10)
+    instances = list(response.instances)
     if as_json:
         print_json([instance_json(i) for i in instances])
     else:
-        print_instances(instances)
+        print_instances(instances, response.memory)
 
 
 @boundary

@@ -24,6 +24,22 @@ def settings(
         str | None,
         typer.Option("--default-ttl", callback=ttl_callback, help="Idle TTL of JIT loads, e.g. 600, 10m, 1h."),
     ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option("--memory-limit", callback=_memory_limit,
+                     help="Memory budget of all loaded models: auto, off, or a size such as 6GB, 512MiB."),
+    ] = None,
+    max_loaded: Annotated[
+        int | None, typer.Option("--max-loaded", min=0, max=10000, help="At most N models loaded (0: no limit).")
+    ] = None,
+    load_timeout: Annotated[
+        str | None,
+        typer.Option("--load-timeout", callback=ttl_callback, help="Kill a load without progress this long: 5m."),
+    ] = None,
+    max_wait: Annotated[
+        str | None,
+        typer.Option("--max-wait", callback=ttl_callback, help="How long a request may wait for its model: 5m."),
+    ] = None,
     api_key_set: Annotated[
         bool, typer.Option("--api-key-set", help="Require an API key for HTTP; reads it from stdin or a prompt.")
     ] = False,
@@ -41,6 +57,14 @@ def settings(
         request.auto_evict = auto_evict
     if default_ttl is not None:
         request.default_ttl = int(default_ttl)
+    if memory_limit is not None:
+        request.memory_limit = memory_limit
+    if max_loaded is not None:
+        request.max_loaded_models = max_loaded
+    if load_timeout is not None:
+        request.load_timeout = int(load_timeout)
+    if max_wait is not None:
+        request.max_wait = int(max_wait)
     if api_key_set and api_key_clear:
         raise CliError("--api-key-set and --api-key-clear contradict each other", EXIT_USAGE)
     if api_key_set:
@@ -56,6 +80,18 @@ def settings(
         print_json(settings_json(result))
     else:
         print_settings(result)
+
+
+def _memory_limit(value: str | None) -> str | None:
+    """A bad --memory-limit is a usage error (exit 2) that says what is allowed."""
+    if value is None:
+        return None
+    from lmsd.memory import parse_memory_limit
+
+    try:
+        return str(parse_memory_limit(value))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _read_api_key() -> str:

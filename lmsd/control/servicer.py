@@ -38,7 +38,8 @@ def instance_pb(v: InstanceView) -> pb.Instance:
     msg = pb.Instance(
         identifier=v.identifier, model=v.model, status=v.status, origin=v.origin, context_length=v.context_length,
         size_bytes=v.size_bytes, memory_bytes=v.memory_bytes, pid=v.pid, in_flight=v.in_flight, queued=v.queued,
-        last_used_unix=v.last_used_unix, path=v.path,
+        last_used_unix=v.last_used_unix, path=v.path, estimated_memory_bytes=v.estimated_memory_bytes,
+        parallel=v.parallel, message=v.message,
     )
     if v.ttl_seconds is not None:
         msg.ttl_seconds = v.ttl_seconds
@@ -59,6 +60,19 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def Load(self, request: pb.LoadRequest, context: Any) -> AsyncIterator[pb.LoadEvent]:
         progress: asyncio.Queue[float] = asyncio.Queue()
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        if request.estimate_only:
+            try:
+                est = await self.scheduler.estimate_load(request.model, request.context_length)
+            except LmsError as exc:
+                await _abort(context, exc)
+                return
+            msg = pb.MemoryEstimate(model=est.model, context_length=est.context_length,
+                                    estimated_memory_bytes=est.estimated_memory_bytes,
+                                    available_bytes=est.available_bytes, fits=est.fits, detail=est.detail)
+            if est.budget_bytes is not None:
+                msg.budget_bytes = est.budget_bytes
+            yield pb.LoadEvent(estimate=msg)
+            return
         try:
             inst = await self.scheduler.begin_load(
                 request.model, ttl=ttl, identifier=request.identifier, context_length=request.context_length,
@@ -105,7 +119,12 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     async def ListLoaded(self, request: pb.ListLoadedRequest, context: Any) -> pb.ListLoadedResponse:
         # On the loop, like every read of the instance table (a thread could see it change mid-iteration).
-        return pb.ListLoadedResponse(instances=[instance_pb(v) for v in self.scheduler.list_loaded()])
+        mem = self.scheduler.memory_view()
+        memory = pb.MemoryStatus(used_bytes=mem.used_bytes, available_bytes=mem.available_bytes, limit=mem.limit)
+        if mem.budget_bytes is not None:
+            memory.budget_bytes = mem.budget_bytes
+        return pb.ListLoadedResponse(instances=[instance_pb(v) for v in self.scheduler.list_loaded()],
+                                     memory=memory)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         entries = await asyncio.to_thread(self.daemon.catalog.scan)
@@ -125,16 +144,22 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         s = store.settings
         return pb.Settings(jit=s.jit, auto_evict=s.auto_evict, default_ttl=s.default_ttl, port=s.port, bind=s.bind,
                            cors=s.cors, settings_path=str(store.path), warning=store.warning,
-                           api_key_set=self.daemon.api_key.get() is not None)
+                           api_key_set=self.daemon.api_key.get() is not None, memory_limit=str(s.memory_limit),
+                           max_loaded_models=s.max_loaded_models, load_timeout=s.load_timeout, max_wait=s.max_wait)
 
     async def GetSettings(self, request: pb.GetSettingsRequest, context: Any) -> pb.Settings:
         return self._settings_pb()
 
     async def UpdateSettings(self, request: pb.UpdateSettingsRequest, context: Any) -> pb.Settings:
-        changes = {f: getattr(request, f) for f in ("jit", "auto_evict", "default_ttl", "port", "bind", "cors")
-                   if request.HasField(f)}
+        fields = ("jit", "auto_evict", "default_ttl", "port", "bind", "cors", "max_loaded_models", "load_timeout",
+                  "max_wait")
+        changes: dict[str, Any] = {f: getattr(request, f) for f in fields if request.HasField(f)}  # type: ignore[arg-type]
         key = request.api_key.strip() if request.HasField("api_key") else None
         try:
+            if request.HasField("memory_limit"):
+                from lmsd.memory import parse_memory_limit
+
+                changes["memory_limit"] = parse_memory_limit(request.memory_limit)
             # Everything is checked before anything is written: a refused request changes nothing.
             if key and (len(key) < 8 or any(c.isspace() for c in key)):
                 raise ValueError("an API key needs at least 8 characters and no spaces")
@@ -150,6 +175,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                                 f"{exc.strerror or exc}; nothing was changed")
         if changes:
             log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            self.scheduler.settings_changed()
             if self.daemon.http.running and {"port", "bind", "cors"} & set(changes):
                 s = self.daemon.settings_store.settings
                 try:

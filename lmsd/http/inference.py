@@ -22,6 +22,7 @@ from lmsd.catalog import ModelEntry
 from lmsd.errors import LmsError
 from lmsd.http.errors import HttpError, from_lms_error
 from lmsd.http.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
+from lmsd.instance import WorkerStream
 from lmsd.scheduler import Lease, Scheduler, SchedulerEvent
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Generation:
 
     lease: Lease
     entry: ModelEntry
-    stream: AsyncIterator[dict[str, Any]]
+    stream: WorkerStream
     first: dict[str, Any]
     started: float
     endpoint: str
@@ -100,12 +101,16 @@ class Inference:
 
         async def begin() -> Generation:
             lease = await self.scheduler.acquire(body.model, body.ttl)
-            stream = lease.worker.generate(kind, params)
+            try:
+                stream = lease.worker.generate(kind, params)
+            except BaseException:
+                self.scheduler.release(lease)  # never reached the worker
+                raise
             try:
                 first = await stream.__anext__()
             except BaseException:
                 await _close(stream)
-                self.scheduler.release(lease)
+                self.scheduler.release(lease, until=stream.ended)  # the slot is free when the worker says so
                 raise
             return Generation(lease, entry, stream, first, started, endpoint)
 
@@ -159,7 +164,7 @@ class Inference:
             return
         gen.closed = True
         await _close(gen.stream)
-        self.scheduler.release(gen.lease)
+        self.scheduler.release(gen.lease, until=gen.stream.ended)
         if not gen.done and gen.status == "ok":
             gen.status = "client disconnected"
         usage, stats = gen.usage(), gen.stats()
@@ -180,10 +185,16 @@ class Inference:
         async def run() -> tuple[dict[str, Any], str]:
             lease = await self.scheduler.acquire(body.model, body.ttl)
             try:
-                result = await lease.worker.embed(body.inputs, embedding_model=entry.type == "embedding")
+                answer = lease.worker.embed(body.inputs, embedding_model=entry.type == "embedding")
+            except BaseException:
+                self.scheduler.release(lease)  # never reached the worker
+                raise
+            try:
+                # Embeddings cannot be cancelled: if the client leaves, the slot stays taken until the worker is done.
+                result = await asyncio.shield(answer)
                 return result, lease.instance.identifier
             finally:
-                self.scheduler.release(lease)
+                self.scheduler.release(lease, until=answer)
 
         try:
             result, identifier = await until_disconnect(request, run())

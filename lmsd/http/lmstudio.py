@@ -33,12 +33,14 @@ def _extras(gen: Generation) -> dict[str, Any]:
     }
 
 
-def router(inference: Inference, list_models: Callable[[], Awaitable[list[dict[str, Any]]]]) -> APIRouter:
+def router(inference: Inference, list_models: Callable[[], Awaitable[list[dict[str, Any]]]],
+           memory: Callable[[], dict[str, Any]]) -> APIRouter:
     r = APIRouter(prefix="/api/v0")
 
     @r.get("/models")
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": await list_models()})
+        # `memory` is ours, not LM Studio's: what the loaded models use against the budget.
+        return JSONResponse({"object": "list", "data": await list_models(), "memory": memory()})
 
     @r.get("/models/{model:path}")
     async def model(model: str) -> Response:

@@ -126,8 +126,13 @@ def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Se
         entries, instances = await _models(scheduler, catalog)
         return [_v0_model(e, [i for i in instances if i.key == e.key]) for e in entries]
 
+    def memory() -> dict[str, Any]:
+        m = scheduler.memory_view()
+        return {"used_bytes": m.used_bytes, "budget_bytes": m.budget_bytes, "available_bytes": m.available_bytes,
+                "limit": m.limit}
+
     app.include_router(openai.router(inference, v1_models))
-    app.include_router(lmstudio.router(inference, v0_models))
+    app.include_router(lmstudio.router(inference, v0_models, memory))
 
     @app.exception_handler(HttpError)
     async def _http_error(_r: Request, exc: HttpError) -> Response:
@@ -180,6 +185,7 @@ def _v0_model(entry: ModelEntry, instances: list[Instance]) -> dict[str, Any]:
     }
     if instances:
         model["loaded_context_length"] = instances[0].context_length
+        model["estimated_memory_bytes"] = instances[0].estimate
     return model
 
 

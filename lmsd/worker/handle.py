@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from lmsd.errors import InvalidArgument, ModelLoadFailed, Unavailable, WorkerErr
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT = 120.0  # importing llama_cpp on a cold, busy machine can take a while
-_STOP_TIMEOUT = 3.0
+_STOP_TIMEOUT = 10.0  # a worker told to exit that is still there after this is SIGKILLed
 _LINE_LIMIT = 256 * 1024 * 1024  # one protocol line may carry a batch of embeddings
 _ids = itertools.count(1)
 SPARE_DELAY_MAX = 120.0  # a load that takes longer than this no longer holds back the next spare
@@ -35,7 +35,7 @@ class WorkerProcess:
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._load: asyncio.Future[dict[str, Any]] | None = None
         self._progress: Callable[[float], None] | None = None
-        self._requests: dict[str, asyncio.Queue[dict[str, Any]]] = {}  # request id -> its events
+        self._requests: dict[str, _Request] = {}  # request id -> the request, until the worker reports its end
         self._exit_callbacks: list[Callable[[str], None]] = []
         self._stop_reason: str | None = None  # set when the daemon asked the worker to end
         self.exited = asyncio.Event()
@@ -108,9 +108,9 @@ class WorkerProcess:
             if self._load is not None and not self._load.done():
                 self._load.set_result(event)
         else:
-            q = self._requests.get(str(event.get("id", "")))
-            if q is not None:
-                q.put_nowait(event)
+            req = self._requests.get(str(event.get("id", "")))
+            if req is not None:
+                req.deliver(event)
 
     def _on_exit(self, code: int) -> None:
         if code < 0:
@@ -123,8 +123,8 @@ class WorkerProcess:
             self.exit_why = f"exited with code {code}"
         self.exited.set()
         gone = {"ev": "gone", "message": self._stop_reason or f"the worker (pid {self.pid}) {self.exit_why}"}
-        for q in self._requests.values():
-            q.put_nowait(gone)
+        for req in list(self._requests.values()):
+            req.deliver(gone)
         if self._load is not None and not self._load.done():
             self._load.set_result(gone)
         if not self._ready.done():
@@ -151,54 +151,38 @@ class WorkerProcess:
         if result.get("ev") == "load_error":
             raise ModelLoadFailed(f"llama.cpp could not load {Path(path).name}: {result.get('message')}")
         if result.get("ev") == "gone":
+            if self._stop_reason is not None:  # stopped on purpose (an unload): not the file's fault
+                raise Unavailable(self._stop_reason)
             raise ModelLoadFailed(
                 f"the worker loading {Path(path).name} {self.exit_why} (a corrupt or unsupported model file?)"
             )
         return int(result["n_ctx"])
 
-    async def generate(self, kind: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yields `token` events, then a final `done` event. Leaving early cancels the generation."""
-        rid = str(next(_ids))
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._requests[rid] = q
-        finished = False
-        try:
-            self._send(op="generate", id=rid, kind=kind, params=params)
-            while True:
-                event = await q.get()
-                ev = event.get("ev")
-                if ev == "token":
-                    yield event
-                elif ev == "done":
-                    finished = True
-                    yield event
-                    return
-                elif ev == "gone":
-                    finished = True
-                    raise WorkerGone(str(event["message"]))
-                else:
-                    finished = True
-                    raise _request_error(event)
-        finally:
-            self._requests.pop(rid, None)
-            if not finished:
-                with contextlib.suppress(WorkerGone):
-                    self._send(op="cancel", id=rid)
+    def generate(self, kind: str, params: dict[str, Any]) -> GenerateStream:
+        """Yields `token` events, then a final `done` event. Leaving early (aclose) cancels the generation; the
+        stream's `ended` resolves when the worker reports it over."""
+        req = _Request(self, str(next(_ids)))
+        req.send(op="generate", id=req.rid, kind=kind, params=params)
+        return GenerateStream(self, req)
 
-    async def embed(self, inputs: list[str], *, embedding_model: bool) -> dict[str, Any]:
-        rid = str(next(_ids))
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._requests[rid] = q
-        try:
-            self._send(op="embed", id=rid, input=inputs, embedding_model=embedding_model)
-            event = await q.get()
-        finally:
-            self._requests.pop(rid, None)
-        if event.get("ev") == "embeddings":
-            return event
-        if event.get("ev") == "gone":
-            raise WorkerGone(str(event["message"]))
-        raise _request_error(event)
+    def embed(self, inputs: list[str], *, embedding_model: bool) -> asyncio.Future[dict[str, Any]]:
+        """The embeddings, as a future the worker's answer resolves whoever still waits for it."""
+        req = _Request(self, str(next(_ids)))
+        result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+        def answered(event: dict[str, Any]) -> None:
+            if result.done():
+                return
+            if event.get("ev") == "embeddings":
+                result.set_result(event)
+            elif event.get("ev") == "gone":
+                result.set_exception(WorkerGone(str(event["message"])))
+            else:
+                result.set_exception(_request_error(event))
+
+        req.on_end = answered
+        req.send(op="embed", id=req.rid, input=inputs, embedding_model=embedding_model)
+        return result
 
     async def stop(self, reason: str) -> None:
         if self._stop_reason is None:
@@ -225,6 +209,72 @@ class WorkerProcess:
             return int(psutil.Process(self.pid).memory_info().rss)
         except Exception:  # noqa: BLE001 - the process may end between the check and the read
             return 0
+
+
+_TERMINAL = {"done", "error", "embeddings", "gone"}
+
+
+class _Request:
+    """One request on a worker, registered from the moment it is sent until the worker reports its end (or dies),
+    whether or not anyone still reads it."""
+
+    def __init__(self, worker: WorkerProcess, rid: str) -> None:
+        self.worker = worker
+        self.rid = rid
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.on_end: Callable[[dict[str, Any]], None] | None = None
+        worker._requests[rid] = self
+
+    def send(self, **msg: Any) -> None:
+        try:
+            self.worker._send(**msg)
+        except WorkerGone as exc:
+            self.deliver({"ev": "gone", "message": exc.message})  # never sent: it has ended already
+            raise
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        self.events.put_nowait(event)
+        if event.get("ev") in _TERMINAL:
+            self.worker._requests.pop(self.rid, None)
+            if self.on_end is not None:
+                self.on_end(event)
+            if not self.ended.done():
+                self.ended.set_result(None)
+
+
+class GenerateStream:
+    """The events of one generation (token*, then done); see WorkerProcess.generate."""
+
+    def __init__(self, worker: WorkerProcess, req: _Request) -> None:
+        self._worker = worker
+        self._req = req
+        self._finished = False
+        self.ended = req.ended
+
+    def __aiter__(self) -> GenerateStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._finished:
+            raise StopAsyncIteration
+        event = await self._req.events.get()
+        ev = event.get("ev")
+        if ev == "token":
+            return event
+        self._finished = True
+        if ev == "done":
+            return event
+        if ev == "gone":
+            raise WorkerGone(str(event["message"]))
+        raise _request_error(event)
+
+    async def aclose(self) -> None:
+        """Stops reading; a generation the worker has not finished is cancelled (before its next token)."""
+        self._finished = True
+        if not self.ended.done():
+            with contextlib.suppress(WorkerGone):
+                self._worker._send(op="cancel", id=self._req.rid)
 
 
 def _request_error(event: dict[str, Any]) -> Exception:

@@ -26,7 +26,7 @@ async def test_jit_eviction_and_ttl_with_real_workers(tiny_file: Path, tmp_path:
         os.symlink(tiny_file, models / name / f"{name}.F16.gguf")
     settings = Settings(default_ttl=1)
     sched, pool = make(models, settings)
-    timer = asyncio.create_task(sched.run_ttl_timer())
+    timer = asyncio.create_task(sched.run_timer())
     try:
         # Six concurrent first requests: one load, one instance.
         leases = await asyncio.gather(*(sched.acquire("alpha") for _ in range(1)))

@@ -23,14 +23,24 @@ class StaticCatalog(Catalog):
         return list(self.entries)
 
 
+GB = 1 << 30
+
+
 class Env:
+    """A scheduler over fake workers and a fake clock. Each model is estimated at `sizes[key]` bytes (1 GB by
+    default) and the system reports `available` bytes free (plenty by default)."""
+
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.workers = FakeWorkerFactory()
         self.settings = Settings()
+        self.sizes: dict[str, int] = {}
+        self.available = 1 << 50
         self.catalog = StaticCatalog(["alpha", "beta", "gamma", "corrupt", "corrupt-header", "smollm2-135m-instruct"])
         self.scheduler = Scheduler(self.catalog, self.workers, lambda: self.settings, clock=self.clock,
-                                   wall_clock=self.clock, max_queue=3, offload=inline)
+                                   wall_clock=self.clock, max_queue=3, offload=inline,
+                                   estimate=lambda entry, ctx: self.sizes.get(entry.key, GB),
+                                   available_memory=lambda: self.available)
 
 
 async def inline(fn: Any, *args: Any) -> Any:

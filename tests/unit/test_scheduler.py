@@ -25,6 +25,7 @@ async def test_manual_load_has_no_ttl_unless_given(env: Env) -> None:
     assert (a.origin, a.ttl, b.ttl) == ("manual", None, 60)
     env.clock.advance(10_000)
     assert await env.scheduler.tick() == ["beta"]
+    await settle()  # tick starts the unload; it does not wait for it
     assert ids(env) == ["alpha"]
 
 
@@ -70,6 +71,7 @@ async def test_ttl_counts_only_while_idle_and_restarts_after_each_request(env: E
     assert view.status == "idle" and view.ttl_remaining_seconds == pytest.approx(1)
     env.clock.advance(1)
     assert await env.scheduler.tick() == ["alpha"]
+    await settle()  # tick starts the unload; it does not wait for it
     assert ids(env) == [] and env.workers.workers[0].stopped
 
 
@@ -89,11 +91,11 @@ async def test_jit_load_uses_request_ttl_else_default_and_ignores_ttl_when_loade
 
 async def test_concurrent_first_requests_share_one_load(env: Env) -> None:
     env.workers.gate = asyncio.Event()
+    env.scheduler.max_queue = 10  # requests riding a load count as queued
     tasks = [asyncio.create_task(env.scheduler.acquire("alpha")) for _ in range(6)]
     await settle()
     assert ids(env) == ["alpha"] and env.scheduler.list_loaded()[0].status == "loading"
     env.workers.gate.set()
-    env.scheduler.max_queue = 10
     leases = []
     for t in tasks:
         lease = await t
@@ -197,13 +199,20 @@ async def test_unload_drains_then_unloads(env: Env) -> None:
 
 async def test_unload_after_grace_ends_running_and_queued_requests(env: Env) -> None:
     await env.scheduler.load("alpha")
-    await env.scheduler.acquire("alpha")  # never released: a stuck request
+    lease = await env.scheduler.acquire("alpha")  # never released: a stuck request
+    stream = lease.worker.generate("chat", {})
     queued = asyncio.create_task(env.scheduler.acquire("alpha"))
     await settle()
-    await env.scheduler.unload("alpha", grace=0.01)
+    unload = asyncio.create_task(env.scheduler.unload("alpha", grace=5))
+    await settle()
+    assert not unload.done()
+    env.clock.advance(5)
+    await env.scheduler.tick()
+    await unload
     assert "grace period" in (env.workers.workers[0].stopped or "")
     with pytest.raises(Unavailable, match="unloaded"):
         await queued
+    assert stream.ended.done()  # the running request ended with the worker
 
 
 async def test_unload_unknown_and_all(env: Env) -> None:
@@ -256,14 +265,14 @@ async def test_request_for_draining_model_waits_and_reloads(env: Env) -> None:
 
 
 async def test_ttl_timer_driver_wakes_at_the_deadline() -> None:
-    # The real driver with the real clock and a 50 ms TTL: proves run_ttl_timer sleeps until the deadline.
+    # The real driver with the real clock and a 50 ms TTL: proves run_timer sleeps until the deadline.
     from lmsd.config import Settings
     from lmsd.scheduler import Scheduler
     from tests.unit.conftest import StaticCatalog
     from tests.unit.fakes import FakeWorkerFactory
 
-    sched = Scheduler(StaticCatalog(["alpha"]), FakeWorkerFactory(), Settings)
-    driver = asyncio.create_task(sched.run_ttl_timer())
+    sched = Scheduler(StaticCatalog(["alpha"]), FakeWorkerFactory(), Settings, estimate=lambda e, c: 1)
+    driver = asyncio.create_task(sched.run_timer())
     await sched.load("alpha", ttl=1)
     sched.instances()[0].ttl = 0  # type: ignore[assignment]  # force "due now" without waiting a second
     sched._changed.set()

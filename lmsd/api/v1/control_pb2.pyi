@@ -92,6 +92,9 @@ class Instance(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     LAST_USED_UNIX_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    ESTIMATED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PARALLEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     identifier: _builtins.str
     model: _builtins.str
     """the model key"""
@@ -110,6 +113,12 @@ class Instance(_message.Message):
     last_used_unix: _builtins.float
     """0 when never used"""
     path: _builtins.str
+    estimated_memory_bytes: _builtins.int
+    """what the memory budget accounts it for (max of estimate and measured)"""
+    parallel: _builtins.int
+    """requests it runs at once"""
+    message: _builtins.str
+    """status "failed": why the load failed (shown until the next request)"""
     def __init__(
         self,
         *,
@@ -127,10 +136,13 @@ class Instance(_message.Message):
         queued: _builtins.int = ...,
         last_used_unix: _builtins.float = ...,
         path: _builtins.str = ...,
+        estimated_memory_bytes: _builtins.int = ...,
+        parallel: _builtins.int = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ttl_remaining_seconds", b"_ttl_remaining_seconds", "_ttl_seconds", b"_ttl_seconds", "ttl_remaining_seconds", b"ttl_remaining_seconds", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_remaining_seconds", b"_ttl_remaining_seconds", "_ttl_seconds", b"_ttl_seconds", "context_length", b"context_length", "identifier", b"identifier", "in_flight", b"in_flight", "last_used_unix", b"last_used_unix", "memory_bytes", b"memory_bytes", "model", b"model", "origin", b"origin", "path", b"path", "pid", b"pid", "queued", b"queued", "size_bytes", b"size_bytes", "status", b"status", "ttl_remaining_seconds", b"ttl_remaining_seconds", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_remaining_seconds", b"_ttl_remaining_seconds", "_ttl_seconds", b"_ttl_seconds", "context_length", b"context_length", "estimated_memory_bytes", b"estimated_memory_bytes", "identifier", b"identifier", "in_flight", b"in_flight", "last_used_unix", b"last_used_unix", "memory_bytes", b"memory_bytes", "message", b"message", "model", b"model", "origin", b"origin", "parallel", b"parallel", "path", b"path", "pid", b"pid", "queued", b"queued", "size_bytes", b"size_bytes", "status", b"status", "ttl_remaining_seconds", b"ttl_remaining_seconds", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ttl_remaining_seconds: _TypeAlias = _typing.Literal["ttl_remaining_seconds"]  # noqa: Y015
     _WhichOneofArgType__ttl_remaining_seconds: _TypeAlias = _typing.Literal["_ttl_remaining_seconds", b"_ttl_remaining_seconds"]  # noqa: Y015
@@ -144,6 +156,85 @@ class Instance(_message.Message):
 Global___Instance: _TypeAlias = Instance  # noqa: Y015
 
 @_typing.final
+class MemoryStatus(_message.Message):
+    """Memory of all loaded models against the budget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    used_bytes: _builtins.int
+    """the loaded instances' accounted memory, together"""
+    budget_bytes: _builtins.int
+    """unset: no budget (memory_limit off)"""
+    available_bytes: _builtins.int
+    """what the system reports available now"""
+    limit: _builtins.str
+    """the memory_limit setting: "auto", "off" or bytes"""
+    def __init__(
+        self,
+        *,
+        used_bytes: _builtins.int = ...,
+        budget_bytes: _builtins.int | None = ...,
+        available_bytes: _builtins.int = ...,
+        limit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes", "budget_bytes", b"budget_bytes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes", "available_bytes", b"available_bytes", "budget_bytes", b"budget_bytes", "limit", b"limit", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__budget_bytes: _TypeAlias = _typing.Literal["budget_bytes"]  # noqa: Y015
+    _WhichOneofArgType__budget_bytes: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_bytes) -> _WhichOneofReturnType__budget_bytes | None: ...
+
+Global___MemoryStatus: _TypeAlias = MemoryStatus  # noqa: Y015
+
+@_typing.final
+class MemoryEstimate(_message.Message):
+    """`lms load --estimate-only`: what a load would take, without loading."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    ESTIMATED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    FITS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    context_length: _builtins.int
+    estimated_memory_bytes: _builtins.int
+    budget_bytes: _builtins.int
+    available_bytes: _builtins.int
+    fits: _builtins.bool
+    """it can be loaded now, evicting JIT models if the policy allows"""
+    detail: _builtins.str
+    """when it does not fit: why"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        context_length: _builtins.int = ...,
+        estimated_memory_bytes: _builtins.int = ...,
+        budget_bytes: _builtins.int | None = ...,
+        available_bytes: _builtins.int = ...,
+        fits: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes", "budget_bytes", b"budget_bytes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes", "available_bytes", b"available_bytes", "budget_bytes", b"budget_bytes", "context_length", b"context_length", "detail", b"detail", "estimated_memory_bytes", b"estimated_memory_bytes", "fits", b"fits", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__budget_bytes: _TypeAlias = _typing.Literal["budget_bytes"]  # noqa: Y015
+    _WhichOneofArgType__budget_bytes: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_bytes) -> _WhichOneofReturnType__budget_bytes | None: ...
+
+Global___MemoryEstimate: _TypeAlias = MemoryEstimate  # noqa: Y015
+
+@_typing.final
 class LoadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -151,6 +242,7 @@ class LoadRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     IDENTIFIER_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    ESTIMATE_ONLY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """key, unique prefix, or path relative to the models folder"""
     ttl_seconds: _builtins.int
@@ -158,6 +250,8 @@ class LoadRequest(_message.Message):
     """empty: the key, then key:2, key:3 ..."""
     context_length: _builtins.int
     """0: the model's default"""
+    estimate_only: _builtins.bool
+    """answer with a MemoryEstimate and load nothing"""
     def __init__(
         self,
         *,
@@ -165,10 +259,11 @@ class LoadRequest(_message.Message):
         ttl_seconds: _builtins.int | None = ...,
         identifier: _builtins.str = ...,
         context_length: _builtins.int = ...,
+        estimate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ttl_seconds", b"_ttl_seconds", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_seconds", b"_ttl_seconds", "context_length", b"context_length", "identifier", b"identifier", "model", b"model", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_seconds", b"_ttl_seconds", "context_length", b"context_length", "estimate_only", b"estimate_only", "identifier", b"identifier", "model", b"model", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ttl_seconds: _TypeAlias = _typing.Literal["ttl_seconds"]  # noqa: Y015
     _WhichOneofArgType__ttl_seconds: _TypeAlias = _typing.Literal["_ttl_seconds", b"_ttl_seconds"]  # noqa: Y015
@@ -206,21 +301,25 @@ class LoadEvent(_message.Message):
 
     PROGRESS_FIELD_NUMBER: _builtins.int
     INSTANCE_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def progress(self) -> Global___LoadProgress: ...
     @_builtins.property
     def instance(self) -> Global___Instance: ...
+    @_builtins.property
+    def estimate(self) -> Global___MemoryEstimate: ...
     def __init__(
         self,
         *,
         progress: Global___LoadProgress | None = ...,
         instance: Global___Instance | None = ...,
+        estimate: Global___MemoryEstimate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "instance", b"instance", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate", "event", b"event", "instance", b"instance", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "instance", b"instance", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate", "event", b"event", "instance", b"instance", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "instance"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "instance", "estimate"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -293,16 +392,20 @@ class ListLoadedResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCES_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Instance]: ...
+    @_builtins.property
+    def memory(self) -> Global___MemoryStatus: ...
     def __init__(
         self,
         *,
         instances: _abc.Iterable[Global___Instance] | None = ...,
+        memory: Global___MemoryStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "memory", b"memory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,6 +462,10 @@ class Settings(_message.Message):
     API_KEY_SET_FIELD_NUMBER: _builtins.int
     SETTINGS_PATH_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
+    MAX_LOADED_MODELS_FIELD_NUMBER: _builtins.int
+    LOAD_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_FIELD_NUMBER: _builtins.int
     jit: _builtins.bool
     auto_evict: _builtins.bool
     default_ttl: _builtins.int
@@ -369,6 +476,14 @@ class Settings(_message.Message):
     settings_path: _builtins.str
     warning: _builtins.str
     """e.g. the settings file was unreadable and defaults are in force"""
+    memory_limit: _builtins.str
+    """"auto", "off" or a number of bytes"""
+    max_loaded_models: _builtins.int
+    """0: no limit"""
+    load_timeout: _builtins.int
+    """seconds without progress before a load is killed"""
+    max_wait: _builtins.int
+    """seconds a request may wait for its model"""
     def __init__(
         self,
         *,
@@ -381,10 +496,14 @@ class Settings(_message.Message):
         api_key_set: _builtins.bool = ...,
         settings_path: _builtins.str = ...,
         warning: _builtins.str = ...,
+        memory_limit: _builtins.str = ...,
+        max_loaded_models: _builtins.int = ...,
+        load_timeout: _builtins.int = ...,
+        max_wait: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_set", b"api_key_set", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "port", b"port", "settings_path", b"settings_path", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_set", b"api_key_set", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port", "settings_path", b"settings_path", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -416,6 +535,10 @@ class UpdateSettingsRequest(_message.Message):
     BIND_FIELD_NUMBER: _builtins.int
     CORS_FIELD_NUMBER: _builtins.int
     API_KEY_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
+    MAX_LOADED_MODELS_FIELD_NUMBER: _builtins.int
+    LOAD_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_FIELD_NUMBER: _builtins.int
     jit: _builtins.bool
     auto_evict: _builtins.bool
     default_ttl: _builtins.int
@@ -424,6 +547,11 @@ class UpdateSettingsRequest(_message.Message):
     cors: _builtins.bool
     api_key: _builtins.str
     """"" clears the key; the key itself is never sent back"""
+    memory_limit: _builtins.str
+    """"auto", "off", bytes, or a size such as 6GB"""
+    max_loaded_models: _builtins.int
+    load_timeout: _builtins.int
+    max_wait: _builtins.int
     def __init__(
         self,
         *,
@@ -434,10 +562,14 @@ class UpdateSettingsRequest(_message.Message):
         bind: _builtins.str | None = ...,
         cors: _builtins.bool | None = ...,
         api_key: _builtins.str | None = ...,
+        memory_limit: _builtins.str | None = ...,
+        max_loaded_models: _builtins.int | None = ...,
+        load_timeout: _builtins.int | None = ...,
+        max_wait: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "port", b"port"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_load_timeout", b"_load_timeout", "_max_loaded_models", b"_max_loaded_models", "_max_wait", b"_max_wait", "_memory_limit", b"_memory_limit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "port", b"port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_load_timeout", b"_load_timeout", "_max_loaded_models", b"_max_loaded_models", "_max_wait", b"_max_wait", "_memory_limit", b"_memory_limit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__api_key: _TypeAlias = _typing.Literal["api_key"]  # noqa: Y015
     _WhichOneofArgType__api_key: _TypeAlias = _typing.Literal["_api_key", b"_api_key"]  # noqa: Y015
@@ -451,6 +583,14 @@ class UpdateSettingsRequest(_message.Message):
     _WhichOneofArgType__default_ttl: _TypeAlias = _typing.Literal["_default_ttl", b"_default_ttl"]  # noqa: Y015
     _WhichOneofReturnType__jit: _TypeAlias = _typing.Literal["jit"]  # noqa: Y015
     _WhichOneofArgType__jit: _TypeAlias = _typing.Literal["_jit", b"_jit"]  # noqa: Y015
+    _WhichOneofReturnType__load_timeout: _TypeAlias = _typing.Literal["load_timeout"]  # noqa: Y015
+    _WhichOneofArgType__load_timeout: _TypeAlias = _typing.Literal["_load_timeout", b"_load_timeout"]  # noqa: Y015
+    _WhichOneofReturnType__max_loaded_models: _TypeAlias = _typing.Literal["max_loaded_models"]  # noqa: Y015
+    _WhichOneofArgType__max_loaded_models: _TypeAlias = _typing.Literal["_max_loaded_models", b"_max_loaded_models"]  # noqa: Y015
+    _WhichOneofReturnType__max_wait: _TypeAlias = _typing.Literal["max_wait"]  # noqa: Y015
+    _WhichOneofArgType__max_wait: _TypeAlias = _typing.Literal["_max_wait", b"_max_wait"]  # noqa: Y015
+    _WhichOneofReturnType__memory_limit: _TypeAlias = _typing.Literal["memory_limit"]  # noqa: Y015
+    _WhichOneofArgType__memory_limit: _TypeAlias = _typing.Literal["_memory_limit", b"_memory_limit"]  # noqa: Y015
     _WhichOneofReturnType__port: _TypeAlias = _typing.Literal["port"]  # noqa: Y015
     _WhichOneofArgType__port: _TypeAlias = _typing.Literal["_port", b"_port"]  # noqa: Y015
     @_typing.overload
@@ -465,6 +605,14 @@ class UpdateSettingsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_ttl) -> _WhichOneofReturnType__default_ttl | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__jit) -> _WhichOneofReturnType__jit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__load_timeout) -> _WhichOneofReturnType__load_timeout | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_loaded_models) -> _WhichOneofReturnType__max_loaded_models | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_wait) -> _WhichOneofReturnType__max_wait | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_limit) -> _WhichOneofReturnType__memory_limit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__port) -> _WhichOneofReturnType__port | None: ...
 
@@ -603,7 +751,7 @@ class Event(_message.Message):
     FIELDS_FIELD_NUMBER: _builtins.int
     time_unix: _builtins.float
     kind: _builtins.str
-    """loaded, unloaded, crashed, request"""
+    """loaded, unloaded, crashed, load_failed, request, settings"""
     identifier: _builtins.str
     model: _builtins.str
     reason: _builtins.str

@@ -1,0 +1,342 @@
+"""The lifecycle rules as invariants, and hypothesis searching for the interleavings that break them.
+
+The real Scheduler runs over fake workers and the injected clock on one event loop per example. Rules are what the
+world does: manual loads, JIT requests, work on the worker, clients that finish or vanish (during the wait, during
+prompt processing), unloads with any grace (and Ctrl-C on them), unload --all, time passing, loads and requests
+crashing, slow process exits, settings changes, shutdown. After every step the invariants of docs/lifecycle.md
+must hold; at the end every caller must have ended with a lease or a typed error — never a hang.
+
+`HYPOTHESIS_PROFILE=stress` (make stress) runs many more examples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from lmsd.errors import LmsError
+from lmsd.scheduler import Lease
+from tests.unit.conftest import GB, Env
+from tests.unit.fakes import FakeStream
+
+settings.register_profile("ci", max_examples=250, stateful_step_count=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("stress", max_examples=3000, stateful_step_count=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+MODELS = ["alpha", "beta", "gamma"]
+SIZES = {"alpha": GB, "beta": 3 * GB // 2, "gamma": 2 * GB}
+GRACES = st.sampled_from([None, 0.0, 1.0, 5.0])
+
+
+@dataclass(eq=False)
+class Caller:
+    """One client of the scheduler: a JIT request (acquire) and what it did with its lease."""
+
+    model: str
+    task: asyncio.Task[Lease]
+    stream: FakeStream | None = None
+    done: bool = False  # released (normally or by leaving)
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.env: Env = self.run(self._make_env())
+        self.callers: list[Caller] = []
+        self.loads: list[asyncio.Task[Any]] = []
+        self.unloads: list[asyncio.Task[Any]] = []
+        self.shutdown_task: asyncio.Task[None] | None = None
+        self.grandfathered: set[int] = set()  # instances loaded before a limit was lowered (id of the object)
+
+    async def _make_env(self) -> Env:
+        env = Env()
+        env.sizes.update(SIZES)
+        env.workers.gates = {f"/models/{m}.gguf": asyncio.Event() for m in MODELS}
+        for gate in env.workers.gates.values():
+            gate.set()
+        env.scheduler.max_queue = 4
+        return env
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def settle(self) -> None:
+        async def spin() -> None:
+            for _ in range(60):
+                await asyncio.sleep(0)
+
+        self.run(spin())
+
+    def do(self, fn: Any, *args: Any) -> Any:
+        """Runs a synchronous step on the loop (futures need a running loop), then lets the world react."""
+        async def step() -> Any:
+            return fn(*args)
+
+        result = self.run(step())
+        self.settle()
+        return result
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self.settle()
+        return task
+
+    @property
+    def sched(self) -> Any:
+        return self.env.scheduler
+
+    # ------------------------------------------------------------ rules: clients
+
+    @initialize(auto_evict=st.booleans(), max_loaded=st.sampled_from([0, 0, 1, 2]),
+                limit=st.sampled_from(["off", "auto", 3 * GB, 4 * GB]))
+    def configure(self, auto_evict: bool, max_loaded: int, limit: Any) -> None:
+        s = self.env.settings
+        s.auto_evict, s.max_loaded_models, s.memory_limit = auto_evict, max_loaded, limit
+        s.max_wait = 100
+        self.env.available = 5 * GB
+
+    @rule(model=st.sampled_from(MODELS), ttl=st.sampled_from([None, 1, 10]))
+    def jit_request(self, model: str, ttl: int | None) -> None:
+        self.callers.append(Caller(model, self.spawn(self.sched.acquire(model, ttl))))
+
+    @rule(model=st.sampled_from(MODELS), ttl=st.sampled_from([None, 10]))
+    def manual_load(self, model: str, ttl: int | None) -> None:
+        self.loads.append(self.spawn(self.sched.load(model, ttl=ttl)))
+
+    def _holding(self) -> list[Caller]:
+        return [c for c in self.callers if c.task.done() and not c.task.cancelled() and c.task.exception() is None
+                and not c.done]
+
+    @precondition(lambda self: any(c.stream is None for c in self._holding()))
+    @rule(data=st.data())
+    def start_work(self, data: st.DataObject) -> None:
+        caller = data.draw(st.sampled_from([c for c in self._holding() if c.stream is None]))
+        lease = caller.task.result()
+
+        def start() -> None:
+            try:
+                caller.stream = lease.worker.generate("chat", {})
+            except LmsError:
+                caller.done = True
+                self.sched.release(lease)
+
+        self.do(start)
+
+    @precondition(lambda self: bool(self._holding()))
+    @rule(data=st.data())
+    def finish_normally(self, data: st.DataObject) -> None:
+        caller = data.draw(st.sampled_from(self._holding()))
+        self.do(self._finish, caller)
+
+    def _finish(self, caller: Caller) -> None:
+        if caller.stream is not None:
+            caller.stream.finish()
+        caller.done = True
+        self.sched.release(caller.task.result())
+
+    @precondition(lambda self: bool(self._holding()))
+    @rule(data=st.data())
+    def client_vanishes_mid_request(self, data: st.DataObject) -> None:
+        caller = data.draw(st.sampled_from(self._holding()))
+        caller.done = True
+        if caller.stream is None:
+            self.do(self.sched.release, caller.task.result())
+        else:
+            self.run(caller.stream.aclose())
+            self.do(lambda: self.sched.release(caller.task.result(), until=caller.stream.ended))
+
+    @precondition(lambda self: any(not c.task.done() for c in self.callers))
+    @rule(data=st.data())
+    def client_vanishes_while_waiting(self, data: st.DataObject) -> None:
+        caller = data.draw(st.sampled_from([c for c in self.callers if not c.task.done()]))
+        caller.task.cancel()
+        caller.done = True
+        self.settle()
+
+    @precondition(lambda self: any(w.active for w in self.env.workers.workers))
+    @rule(data=st.data())
+    def worker_ends_a_request(self, data: st.DataObject) -> None:
+        streams = [s for w in self.env.workers.workers for s in w.active]
+        self.do(data.draw(st.sampled_from(streams)).finish)
+
+    @rule(slow=st.booleans())
+    def cancels_are_slow(self, slow: bool) -> None:
+        self.env.workers.slow_cancel = slow
+
+    # ------------------------------------------------------------ rules: operator and time
+
+    @precondition(lambda self: bool(self.sched.instances()))
+    @rule(data=st.data(), grace=GRACES)
+    def unload(self, data: st.DataObject, grace: float | None) -> None:
+        ident = data.draw(st.sampled_from(sorted(i.identifier for i in self.sched.instances())))
+        self.unloads.append(self.spawn(self.sched.unload(ident, grace=grace)))
+
+    @rule(grace=GRACES)
+    def unload_all(self, grace: float | None) -> None:
+        self.unloads.append(self.spawn(self.sched.unload_all(grace=grace)))
+
+    @precondition(lambda self: any(not t.done() for t in self.unloads + self.loads))
+    @rule(data=st.data())
+    def ctrl_c_on_unload_or_load(self, data: st.DataObject) -> None:
+        data.draw(st.sampled_from([t for t in self.unloads + self.loads if not t.done()])).cancel()
+        self.settle()
+
+    @rule(seconds=st.sampled_from([0.5, 1, 5, 10, 60, 150]))
+    def time_passes(self, seconds: float) -> None:
+        busy_before = {id(i) for i in self.sched.instances() if i.busy or not i.loaded}
+        self.env.clock.advance(seconds)
+        expired = self.run(self.sched.tick())
+        for inst in self.sched.instances():
+            if inst.identifier in expired:
+                assert id(inst) not in busy_before, f"TTL expired {inst.identifier} while it had work"
+        self.settle()
+
+    @rule(model=st.sampled_from(MODELS), open_=st.booleans())
+    def loads_are_slow(self, model: str, open_: bool) -> None:
+        gate = self.env.workers.gates[f"/models/{model}.gguf"]
+        self.do(gate.set if open_ else gate.clear)
+
+    @rule(slow=st.booleans())
+    def process_exits_are_slow(self, slow: bool) -> None:
+        if slow and self.env.workers.stop_gate is None:
+            self.env.workers.stop_gate = asyncio.Event()
+        elif not slow and self.env.workers.stop_gate is not None:
+            self.do(self.env.workers.stop_gate.set)
+            self.env.workers.stop_gate = None
+        self.settle()
+
+    @precondition(lambda self: any(not w.reaped for w in self.env.workers.workers))
+    @rule(data=st.data())
+    def worker_crashes(self, data: st.DataObject) -> None:
+        self.do(data.draw(st.sampled_from([w for w in self.env.workers.workers if not w.reaped])).crash)
+
+    @rule(auto_evict=st.booleans(), max_loaded=st.sampled_from([0, 1, 2, 3]),
+          limit=st.sampled_from(["off", "auto", 3 * GB, 4 * GB]), jit=st.booleans())
+    def settings_change(self, auto_evict: bool, max_loaded: int, limit: Any, jit: bool) -> None:
+        s = self.env.settings
+        lowered = (max_loaded and (not s.max_loaded_models or max_loaded < s.max_loaded_models)) or (
+            limit != "off" and (s.memory_limit == "off" or _n(limit) < _n(s.memory_limit)))
+        if lowered:
+            self.grandfathered |= {id(i) for i in self.sched.instances()}
+        s.auto_evict, s.max_loaded_models, s.memory_limit, s.jit = auto_evict, max_loaded, limit, jit
+        self.do(self.sched.settings_changed)
+
+    @precondition(lambda self: self.shutdown_task is None)
+    @rule(grace=st.sampled_from([0.0, 2.0]))
+    def shutdown(self, grace: float) -> None:
+        self.shutdown_task = self.spawn(self.sched.shutdown(grace=grace))
+
+    # ------------------------------------------------------------ invariants
+
+    @invariant()
+    def no_instance_stuck_unloading(self) -> None:
+        if self.env.workers.stop_gate is not None:
+            return  # a process that takes its time to exit keeps its instance in `unloading`: by design
+        for inst in self.sched.instances():
+            assert inst.state != "gone"
+            if inst.draining and inst.loaded:
+                assert inst.state == "draining" and inst.busy and not inst.cut, (
+                    f"{inst.identifier} stuck in {inst.state} (busy={inst.busy}, cut={inst.cut!r})")
+            if inst.grace_deadline is not None and inst.grace_deadline <= self.env.clock() and inst.loaded:
+                raise AssertionError(f"{inst.identifier}: grace over but still in the table")
+
+    @invariant()
+    def one_jit_instance_per_model(self) -> None:
+        keys = [i.key for i in self.sched.instances() if i.origin == "jit"]
+        assert len(keys) == len(set(keys)), keys
+        if self.env.settings.auto_evict and not self.grandfathered:
+            # with auto-evict, a second JIT model is only ever loading while the others drain
+            pass
+
+    @invariant()
+    def ttl_only_expires_idle_instances_and_only_jit_is_evicted(self) -> None:
+        for inst in self.sched.instances():
+            if inst.unload_reason == "ttl":
+                assert not inst.waiters and inst.in_flight <= 0 or inst.state == "stopping"
+            if inst.unload_reason == "evict":
+                assert inst.origin == "jit", f"manual instance {inst.identifier} was evicted"
+
+    @invariant()
+    def within_limits(self) -> None:
+        insts = self.sched.instances()
+        if any(id(i) in self.grandfathered for i in insts):
+            return
+        self.grandfathered.clear()
+        s = self.env.settings
+        if s.max_loaded_models:
+            assert len(insts) <= s.max_loaded_models, [i.identifier for i in insts]
+        if isinstance(s.memory_limit, int):
+            assert sum(i.estimate for i in insts) <= s.memory_limit
+
+    @invariant()
+    def counters_are_sane(self) -> None:
+        for inst in self.sched.instances():
+            assert 0 <= inst.in_flight <= self.sched.parallel
+            assert all(not w.fut.done() for w in inst.waiters)
+            if inst.waiters and inst.loaded and not inst.cut:
+                assert inst.in_flight == self.sched.parallel  # nobody waits while a slot is free
+
+    @invariant()
+    def callers_end_with_a_lease_or_a_typed_error(self) -> None:
+        for caller in self.callers:
+            if caller.task.done() and not caller.task.cancelled():
+                exc = caller.task.exception()
+                assert exc is None or isinstance(exc, LmsError), repr(exc)
+
+    def _open_everything(self) -> None:
+        for gate in self.env.workers.gates.values():
+            gate.set()
+        if self.env.workers.stop_gate is not None:
+            self.env.workers.stop_gate.set()
+            self.env.workers.stop_gate = None
+        self.env.workers.slow_cancel = False
+
+    def _end_all_work(self) -> None:
+        for caller in self._holding():
+            self._finish(caller)
+        for w in self.env.workers.workers:
+            for stream in list(w.active):
+                stream.finish()
+
+    def teardown(self) -> None:
+        """Let the world run to its end: every gate open, every client done, time past every deadline. Nothing may
+        be left hanging."""
+        try:
+            self.do(self._open_everything)
+            for _ in range(4):
+                self.do(self._end_all_work)
+                self.env.clock.advance(1000)
+                self.run(self.sched.tick())
+            self.settle()
+            hanging = [c.model for c in self.callers if not c.task.done()]
+            assert not hanging, f"requests never answered: {hanging}"
+            assert all(t.done() for t in self.loads), "a load never ended"
+            assert all(t.done() for t in self.unloads), "an unload never ended"
+            self.run(asyncio.wait_for(self.sched.shutdown(grace=0), 0.5))
+            assert not self.sched.instances() and not self.env.workers.running
+            for task in [c.task for c in self.callers] + self.loads + self.unloads:
+                if task.done() and not task.cancelled():
+                    exc = task.exception()
+                    assert exc is None or isinstance(exc, LmsError), repr(exc)
+        finally:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.settle()
+            self.loop.close()
+
+
+def _n(limit: Any) -> int:
+    return limit if isinstance(limit, int) else 1 << 62
+
+
+LifecycleMachine.TestCase.settings = PROFILE
+TestLifecycle = LifecycleMachine.TestCase
