@@ -131,6 +131,7 @@ class Instance:
     last_used_unix: float = 0.0
     unload_reason: UnloadReason | None = None
     grace_deadline: float | None = None  # while draining: when running requests are ended (None: never)
+    grace_set_by: tuple[UnloadReason, float] | None = None  # the unload that set grace_deadline, and its grace
     load_deadline: float | None = None  # while loading: killed if no progress by then
     abort: LmsError | None = None  # set when a load must stop (manual unload, shutdown, no progress): what to report
     cut: str = ""  # set when the grace ran out: requests still running end with this reason

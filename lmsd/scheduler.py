@@ -575,6 +575,7 @@ class Scheduler:
             deadline = self.clock() + max(0.0, grace)
             if inst.grace_deadline is None or deadline < inst.grace_deadline:
                 inst.grace_deadline = deadline  # the shortest grace asked for wins
+                inst.grace_set_by = (reason, grace)
                 self._changed.set()
         if reason in ("manual", "shutdown") and not inst.ready.done():
             # An explicit unload of a model still loading stops the load (an eviction lets it finish).
@@ -620,7 +621,8 @@ class Scheduler:
         """The grace is over: queued requests are refused, running ones end when the worker stops."""
         if inst.cut or inst.state == "gone":
             return
-        inst.cut = _reason_text(inst.identifier, inst.unload_reason or "manual", True)
+        reason, grace = inst.grace_set_by or (inst.unload_reason or "manual", 0.0)
+        inst.cut = _reason_text(inst.identifier, reason, grace)
         if inst.busy:
             log.warning("unload of %s: grace period over; ending %d running and %d queued request(s)",
                         inst.identifier, inst.in_flight, inst.queued)
@@ -784,9 +786,12 @@ def _check_ttl(ttl: int | None) -> None:
         raise InvalidArgument(f"ttl must be a whole number of seconds >= 1, got {ttl!r}", code="invalid_ttl")
 
 
-def _reason_text(identifier: str, reason: UnloadReason, after_grace: bool | None) -> str:
+def _reason_text(identifier: str, reason: UnloadReason, grace: float | None) -> str:
+    """What a request cut off by an unload is told: `grace` is the grace period that ran out (None: none did)."""
     if reason == "shutdown":
         return f"the daemon shut down while this request on '{identifier}' ran"
-    if after_grace:
-        return f"'{identifier}' was unloaded ({reason}) and its grace period ended while this request ran"
+    if grace is not None and reason == "manual":
+        return f"'{identifier}' was unloaded (lms unload) after a grace period of {grace}s while this request ran"
+    if grace is not None:
+        return f"'{identifier}' was unloaded ({reason}) and its grace period of {grace}s ended while this request ran"
     return f"'{identifier}' was unloaded ({reason})"

@@ -41,7 +41,8 @@ def test_get_ls_load_ps_unload_with_smollm2(home: Home, lms: Lms, smollm2_file: 
     assert re.search(r"(59m 5\ds|1h) / 1h", table), table
     [inst] = loaded(lms)
     assert set(inst) == {"identifier", "model", "status", "origin", "ttl_seconds", "ttl_remaining_seconds",
-                         "context_length", "size_bytes", "memory_bytes", "pid", "in_flight", "queued"}
+                         "context_length", "size_bytes", "memory_bytes", "pid", "in_flight", "queued", "parallel",
+                         "estimated_memory_bytes", "last_used_unix", "message"}
     assert inst["ttl_seconds"] == 3600 and inst["origin"] == "manual" and inst["memory_bytes"] > 50_000_000
     assert lms.json("ls")[0]["loaded"] is True
 
@@ -57,7 +58,7 @@ def test_ttl_expiry_and_unload_all(home: Home, lms: Lms, tiny_file: Path) -> Non
     out = lms("load", TINY_KEY, "--ttl", "2", check=True)  # a second instance, 2 s idle TTL
     assert out.stdout.strip() == f"{TINY_KEY}:2" and "idle TTL 2s" in out.stderr
     log = home.root / "logs" / "lmsd.log"
-    match = re.search(rf"loaded {TINY_KEY}:2 \(.*ttl 2, pid (\d+)\)", log.read_text())
+    match = re.search(rf"loaded {TINY_KEY}:2 \(.*ttl 2, pid (\d+)[,)]", log.read_text())
     assert match, log.read_text()
     expiring_pid = int(match.group(1))
     wait_until(lambda: [i["identifier"] for i in loaded(lms)] == [TINY_KEY], timeout=15,
