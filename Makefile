@@ -15,7 +15,7 @@ LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
 export LMS_TEST_CACHE ?= $(LMS_DEV_CACHE)/test-assets
 PYTEST_ARGS ?=
 
-.PHONY: install demo test unit lint protos bench clean-venv
+.PHONY: install demo test unit stress lint protos bench clean-venv
 
 install: $(DEPS_STAMP)
 	@# The venv is shared by clones: point its editable install at this checkout when it points elsewhere.
@@ -44,6 +44,11 @@ test: install
 
 unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The slow sizes: the scheduler's state machine with many more examples, and the contention benchmark.
+stress: install
+	HYPOTHESIS_PROFILE=stress $(PY) -m pytest tests/unit/test_scheduler_machine.py $(PYTEST_ARGS)
+	$(PY) bench/bench_contention.py
 
 lint: install
 	$(VENV)/bin/ruff check lmsd lmscli tests scripts bench
