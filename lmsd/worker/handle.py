@@ -153,9 +153,11 @@ class WorkerProcess:
         if result.get("ev") == "gone":
             if self._stop_reason is not None:  # stopped on purpose (an unload): not the file's fault
                 raise Unavailable(self._stop_reason)
-            raise ModelLoadFailed(
-                f"the worker loading {Path(path).name} {self.exit_why} (a corrupt or unsupported model file?)"
-            )
+            # SIGKILL from outside is most often the kernel's out-of-memory killer; a crash inside llama.cpp
+            # (SIGSEGV, SIGABRT, an exit) points at the file.
+            hint = ("out of memory? `lms load MODEL --estimate-only` shows what it needs" if "SIGKILL" in self.exit_why
+                    else "a corrupt or unsupported model file?")
+            raise ModelLoadFailed(f"the worker loading {Path(path).name} {self.exit_why} ({hint})")
         return int(result["n_ctx"])
 
     def generate(self, kind: str, params: dict[str, Any]) -> GenerateStream:
