@@ -84,11 +84,29 @@ class ModelLoadFailed(LmsError):
     code = "model_load_failed"
 
 
-class WorkerGone(LmsError):
-    """The instance's worker ended while a request was using it: crash, or unload after the grace period."""
+class LoadKilled(LmsError):
+    """A load ended from outside the file's control: no progress for load_timeout, or its worker was killed (out of
+    memory?) or died. Worth retrying, unlike a file llama.cpp refuses."""
 
-    kind = "internal"
+    kind = "unavailable"
+    code = "model_load_interrupted"
+    retry_after = 30
+
+
+class WorkerGone(LmsError):
+    """The instance's worker crashed while a request was using it."""
+
+    kind: Kind = "internal"
     code = "worker_gone"
+
+
+class WorkerStopped(WorkerGone):
+    """The instance's worker was ended on purpose (an unload or shutdown after its grace period) while a request
+    was using it: not a fault, and worth retrying."""
+
+    kind = "unavailable"
+    http_status = 503
+    retry_after = 1
 
 
 class WorkerError(LmsError):

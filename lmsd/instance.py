@@ -5,7 +5,7 @@ Only lmsd.scheduler changes an Instance, a Waiter or a Ticket; everything else r
 
 An instance moves through these states, and only these (checked by `Instance.move`):
 
-    loading ──► ready ──► draining ──► stopping ──► gone
+    loading ──► ready ◄─► draining ──► stopping ──► gone
        │                     ▲
        └─────────────────────┘        (loading may also go straight to stopping, or to gone on a failed load)
 
@@ -13,7 +13,8 @@ An instance moves through these states, and only these (checked by `Instance.mov
 - ready:    serves requests (status `idle` or `busy`).
 - draining: takes no new requests; the running and queued ones finish (bounded by a grace deadline once one is
             set). An instance evicted while loading is `draining` from then on: it finishes its load and serves
-            the requests already waiting on it, then stops.
+            the requests already waiting on it, then stops. An instance drained only to make room for a load that
+            is then withdrawn (its clients left) goes back to `ready`.
 - stopping: its worker is being ended; the instance stays in the table (and its memory counted) until the
             process has been reaped, so a load that needs the memory starts only after it is really free.
 - gone:     out of the table.
@@ -39,7 +40,7 @@ ProgressFn = Callable[[float], None]
 _MOVES: dict[State, set[State]] = {
     "loading": {"ready", "draining", "stopping", "gone"},
     "ready": {"draining", "gone"},  # gone: the worker crashed
-    "draining": {"stopping", "gone"},
+    "draining": {"stopping", "gone", "ready"},  # ready: kept, when the load it was evicted for is withdrawn
     "stopping": {"gone"},
     "gone": set(),
 }
@@ -74,7 +75,13 @@ class Worker(Protocol):
         WorkerGone(reason)."""
         ...
 
-    def memory_bytes(self) -> int: ...
+    def memory_bytes(self) -> int:
+        """Resident memory, the mapped model file included."""
+        ...
+
+    def private_memory_bytes(self) -> int:
+        """Resident memory without the mapped model file (which the system counts as reclaimable cache)."""
+        ...
 
     def generate(self, kind: str, params: dict[str, Any]) -> WorkerStream: ...
 
@@ -136,6 +143,8 @@ class Instance:
     abort: LmsError | None = None  # set when a load must stop (manual unload, shutdown, no progress): what to report
     cut: str = ""  # set when the grace ran out: requests still running end with this reason
     unload_task: asyncio.Task[None] | None = None
+    evicted_for: Ticket | None = None  # the load this instance drains to make room for
+    must_go: bool = False  # an unload was asked for (manual, ttl, shutdown): never kept
     ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once removed from the table
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when a drain may end (idle, or cut)

@@ -17,6 +17,9 @@ The rules (docs/lifecycle.md says the same for users):
 - Unload, eviction and TTL expiry drain: no new requests, running ones finish. A grace bounds a drain; the
   shortest grace asked for wins. An unload, once begun, is a task the scheduler owns: whoever stops waiting
   for it, it runs to its end.
+
+This module is long on purpose: every change of the instance table and of the queue of loads is in it, so
+every transition can be read (and reviewed for what may change at each await) in one place.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from lmsd.errors import (
     FailedPrecondition,
     InvalidArgument,
     LmsError,
+    LoadKilled,
     ModelLoadFailed,
     ModelNotFound,
     QueueFull,
@@ -169,7 +173,9 @@ class Scheduler:
             return None
         if isinstance(limit, int):
             return limit
-        held = sum(i.worker.memory_bytes() for i in self._instances.values() if i.worker is not None)
+        # What our workers hold privately comes back when they are evicted; their mapped weights are page cache,
+        # which the system already reports as available: counting them again would inflate the budget.
+        held = sum(i.worker.private_memory_bytes() for i in self._instances.values() if i.worker is not None)
         return max(0, self.available_memory() + held - memory.safety_margin_bytes(memory.system_total_bytes()))
 
     async def estimate_load(self, model: str, context_length: int = 0) -> LoadEstimate:
@@ -248,8 +254,7 @@ class Scheduler:
             return await asyncio.shield(ticket.result)
         except asyncio.CancelledError:
             if ticket in self._tickets:
-                self._tickets.remove(ticket)
-                self._pump()
+                self._drop_ticket(ticket)
             elif ticket.result.done() and not ticket.result.cancelled() and ticket.result.exception() is None:
                 self._begin_unload(ticket.result.result(), "manual", 0.0)  # placed in the same instant
             raise
@@ -382,8 +387,7 @@ class Scheduler:
             if isinstance(owner, Instance):
                 self._after_request(owner)
             elif not owner.waiters and owner in self._tickets:
-                self._tickets.remove(owner)  # nobody wants this load any more
-                self._pump()
+                self._drop_ticket(owner)  # nobody wants this load any more
         elif waiter.fut.done() and not waiter.fut.cancelled() and waiter.fut.exception() is None:
             self._finish_request(waiter.fut.result())
 
@@ -423,6 +427,8 @@ class Scheduler:
         if inst.loaded and not inst.cut:
             while inst.waiters and inst.in_flight < self.parallel:
                 waiter = inst.waiters.popleft()
+                if waiter.fut.done():
+                    continue  # its caller was cancelled in this same instant and has not run yet: no slot
                 self._start_request(inst)
                 waiter.fut.set_result(inst)
         if not inst.busy:
@@ -440,36 +446,64 @@ class Scheduler:
             if ticket.origin == "jit":
                 serving = self._find_serving(ticket.entry.key)
                 if serving is not None:  # loaded meanwhile (by `lms load`, say): ride on it
-                    self._tickets.popleft()
                     self._move_waiters(ticket, serving)
+                    self._drop_ticket(ticket, pump=False)
                     continue
+            if ticket.identifier and ticket.identifier in self._instances:
+                # taken while this load waited (a JIT load of that model, say)
+                self._drop_ticket(ticket, FailedPrecondition(
+                    f"an instance with identifier '{ticket.identifier}' is already loaded; unload it or choose "
+                    "another"), pump=False)
+                continue
             settings = self.settings()
             estimate = self._accounted(ticket.entry, ticket.context_length)
             decision = placement.decide(
                 list(self._instances.values()), key=ticket.entry.key, origin=ticket.origin, estimate=estimate,
                 auto_evict=settings.auto_evict, max_loaded=settings.max_loaded_models, budget=self.budget())
             if decision.refusal is not None:
-                self._tickets.popleft()
                 log.warning("%s", decision.refusal.message)
-                _fail(ticket.result, decision.refusal)
-                for waiter in ticket.waiters:
-                    _fail(waiter.fut, decision.refusal)
+                self._drop_ticket(ticket, decision.refusal, pump=False)
                 continue
             for victim in decision.victims:
                 log.info("evicting %s to make room for %s", victim.identifier, ticket.entry.key)
                 self._begin_unload(victim, "evict", None)
+                victim.evicted_for = ticket
             if not decision.start_now:
                 return
             self._tickets.popleft()
             inst = self._place(ticket, estimate)
             self._move_waiters(ticket, inst)
 
+    def _drop_ticket(self, ticket: Ticket, err: LmsError | None = None, *, pump: bool = True) -> None:
+        """Takes a load out of the queue without starting it (withdrawn, refused, or served by another instance).
+        Instances it evicted that still only drain for it are kept: nobody needs their room any more."""
+        if ticket in self._tickets:
+            self._tickets.remove(ticket)
+        if err is not None:
+            _fail(ticket.result, err)
+            for waiter in ticket.waiters:
+                _fail(waiter.fut, err)
+            ticket.waiters.clear()
+        for inst in list(self._instances.values()):
+            if inst.evicted_for is ticket and inst.state == "draining" and inst.loaded and not inst.must_go \
+                    and not inst.cut and inst.unload_task is not None:
+                log.info("keeping %s: the load it was evicted for is gone", inst.identifier)
+                inst.unload_task.cancel()
+                inst.unload_task = None
+                inst.unload_reason = None
+                inst.evicted_for = None
+                inst.move("ready")
+                self._after_request(inst)
+        if pump:
+            self._pump()
+
     def _move_waiters(self, ticket: Ticket, inst: Instance) -> None:
         if not ticket.result.done():
             ticket.result.set_result(inst)
         for waiter in ticket.waiters:
-            waiter.owner = inst
-            inst.waiters.append(waiter)
+            if not waiter.fut.done():
+                waiter.owner = inst
+                inst.waiters.append(waiter)
         ticket.waiters.clear()
         if inst.waiters:
             self._set_busy(inst)
@@ -488,10 +522,12 @@ class Scheduler:
         return inst
 
     def _next_identifier(self, key: str) -> str:
-        if key not in self._instances:
+        """The key, else key:2, key:3 ... — skipping identifiers in use or reserved by a load waiting its turn."""
+        taken = set(self._instances) | {t.identifier for t in self._tickets if t.identifier}
+        if key not in taken:
             return key
         n = 2
-        while f"{key}:{n}" in self._instances:
+        while f"{key}:{n}" in taken:
             n += 1
         return f"{key}:{n}"
 
@@ -580,6 +616,8 @@ class Scheduler:
         if reason in ("manual", "shutdown") and not inst.ready.done():
             # An explicit unload of a model still loading stops the load (an eviction lets it finish).
             self._abort_load(inst, Unavailable(f"'{inst.identifier}' was unloaded while loading"))
+        if reason != "evict":
+            inst.must_go = True  # asked for by someone: never kept because a load no longer needs the room
         if inst.unload_task is None:
             inst.unload_reason = reason
             if inst.state in ("loading", "ready"):
@@ -597,6 +635,7 @@ class Scheduler:
         if inst.abort is not None:
             return
         inst.abort = err
+        inst.load_deadline = None  # acted on: the timer must not come back for it while the worker exits
         if inst.worker is not None:
             self._spawn(inst.worker.stop(err.message))  # the load returns at once; _run_load reports it
 
@@ -652,7 +691,11 @@ class Scheduler:
         if inst.state == "gone":
             return
         if not inst.loaded:
-            return  # the load in progress fails with the worker's exit status; _run_load reports it
+            # The load in progress fails with the worker's exit status — even if the worker reported `loaded`
+            # just before dying and _run_load has not resumed yet: it checks `abort` after the load returns.
+            if inst.abort is None:
+                inst.abort = LoadKilled(f"the worker loading '{inst.identifier}' died ({why})" + _died_hint(why))
+            return
         log.error("worker of %s (pid %s) died: %s", inst.identifier, inst.worker.pid if inst.worker else "-", why)
         self._fail_waiters(inst, Unavailable(f"the worker running '{inst.identifier}' died ({why})"))
         self._remove(inst)
@@ -671,7 +714,8 @@ class Scheduler:
                 times.append(inst.grace_deadline)
             if inst.load_deadline is not None and inst.state in ("loading", "draining") and not inst.loaded:
                 times.append(inst.load_deadline)
-            times.extend(w.deadline for w in inst.waiters if w.deadline is not None)
+            if inst.loaded:
+                times.extend(w.deadline for w in inst.waiters if w.deadline is not None)
         for ticket in self._tickets:
             times.extend(w.deadline for w in ticket.waiters if w.deadline is not None)
         return min(times) if times else None
@@ -691,14 +735,15 @@ class Scheduler:
                 self._cut(inst)
             if not inst.loaded and inst.load_deadline is not None and now >= inst.load_deadline:
                 timeout = self.settings().load_timeout
-                self._abort_load(inst, ModelLoadFailed(
+                self._abort_load(inst, LoadKilled(
                     f"the load of '{inst.identifier}' made no progress for {timeout} s (load_timeout); its worker "
                     "was killed"))
-            self._expire_waiters(inst.waiters, now, inst)
+            if inst.loaded:  # riders of a load in progress wait for it: load_timeout bounds a stuck load
+                self._expire_waiters(inst.waiters, now, inst)
         for ticket in list(self._tickets):
             self._expire_waiters(ticket.waiters, now, ticket)
             if not ticket.waiters and ticket.origin == "jit":
-                self._tickets.remove(ticket)
+                self._drop_ticket(ticket, pump=False)
         self._pump()
         return [i.identifier for i in expired]
 
@@ -751,7 +796,7 @@ class Scheduler:
             for waiter in ticket.waiters:
                 _fail(waiter.fut, err)
         await self.unload_all(reason="shutdown", grace=grace)
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await asyncio.shield(asyncio.gather(*list(self._tasks), return_exceptions=True))
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -784,6 +829,10 @@ def _fail(fut: asyncio.Future[Any], err: BaseException) -> None:
 def _check_ttl(ttl: int | None) -> None:
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
         raise InvalidArgument(f"ttl must be a whole number of seconds >= 1, got {ttl!r}", code="invalid_ttl")
+
+
+def _died_hint(why: str) -> str:
+    return " (out of memory? `lms load MODEL --estimate-only` shows what it needs)" if "SIGKILL" in why else ""
 
 
 def _reason_text(identifier: str, reason: UnloadReason, grace: float | None) -> str:

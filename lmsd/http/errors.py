@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from lmsd.errors import LmsError, ModelLoadFailed, WorkerGone
+from lmsd.errors import LmsError, ModelLoadFailed
 
 _STATUS = {
     "not_found": 404,
@@ -45,8 +45,6 @@ def from_lms_error(exc: LmsError) -> HttpError:
     status = exc.http_status or _STATUS[exc.kind]
     if isinstance(exc, ModelLoadFailed):
         status = 400  # the named model cannot be loaded: not a fault of the server
-    if isinstance(exc, WorkerGone) and "unloaded" in exc.message:
-        status = 503  # ended by an unload, not a crash
     headers = {"Retry-After": str(exc.retry_after or 1)} if status in (429, 503) else None
     about_model = exc.kind == "not_found" or exc.code in ("model_ambiguous", "model_load_failed", "invalid_model")
     param = "model" if about_model else None

@@ -230,9 +230,13 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-                raise ClientGone()
+                try:
+                    result = await task
+                except (asyncio.CancelledError, Exception):
+                    raise ClientGone() from None
+                # The work finished in the same instant the client left (the cancel came too late): hand the result
+                # on, so whatever it holds (a lease, a stream) is given back by the caller's usual clean-up.
+                return result
     except asyncio.CancelledError:
         task.cancel()
         raise

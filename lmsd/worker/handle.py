@@ -14,7 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmsd.errors import InvalidArgument, ModelLoadFailed, Unavailable, WorkerError, WorkerGone
+from lmsd.errors import (
+    InvalidArgument,
+    LoadKilled,
+    ModelLoadFailed,
+    Unavailable,
+    WorkerError,
+    WorkerGone,
+    WorkerStopped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +81,9 @@ class WorkerProcess:
 
     def _send(self, **msg: Any) -> None:
         if self.exited.is_set() or self.proc.stdin is None or self.proc.stdin.is_closing():
-            raise WorkerGone(self._stop_reason or f"the worker (pid {self.pid}) is gone: {self.exit_why}")
+            if self._stop_reason is not None:
+                raise WorkerStopped(self._stop_reason)
+            raise WorkerGone(f"the worker (pid {self.pid}) is gone: {self.exit_why}")
         self.proc.stdin.write((json.dumps(msg, separators=(",", ":")) + "\n").encode())
 
     async def _read(self) -> None:
@@ -122,7 +132,8 @@ class WorkerProcess:
         else:
             self.exit_why = f"exited with code {code}"
         self.exited.set()
-        gone = {"ev": "gone", "message": self._stop_reason or f"the worker (pid {self.pid}) {self.exit_why}"}
+        gone = {"ev": "gone", "message": self._stop_reason or f"the worker (pid {self.pid}) {self.exit_why}",
+                "stopped": self._stop_reason is not None}
         for req in list(self._requests.values()):
             req.deliver(gone)
         if self._load is not None and not self._load.done():
@@ -153,11 +164,13 @@ class WorkerProcess:
         if result.get("ev") == "gone":
             if self._stop_reason is not None:  # stopped on purpose (an unload): not the file's fault
                 raise Unavailable(self._stop_reason)
-            # SIGKILL from outside is most often the kernel's out-of-memory killer; a crash inside llama.cpp
-            # (SIGSEGV, SIGABRT, an exit) points at the file.
-            hint = ("out of memory? `lms load MODEL --estimate-only` shows what it needs" if "SIGKILL" in self.exit_why
-                    else "a corrupt or unsupported model file?")
-            raise ModelLoadFailed(f"the worker loading {Path(path).name} {self.exit_why} ({hint})")
+            # SIGKILL from outside is most often the kernel's out-of-memory killer: worth retrying, not the file's
+            # fault. A crash inside llama.cpp (SIGSEGV, SIGABRT, an exit) points at the file.
+            if "SIGKILL" in self.exit_why:
+                raise LoadKilled(f"the worker loading {Path(path).name} was {self.exit_why} (out of memory? "
+                                 "`lms load MODEL --estimate-only` shows what it needs)")
+            raise ModelLoadFailed(f"the worker loading {Path(path).name} {self.exit_why} "
+                                  "(a corrupt or unsupported model file?)")
         return int(result["n_ctx"])
 
     def generate(self, kind: str, params: dict[str, Any]) -> GenerateStream:
@@ -178,7 +191,7 @@ class WorkerProcess:
             if event.get("ev") == "embeddings":
                 result.set_result(event)
             elif event.get("ev") == "gone":
-                result.set_exception(WorkerGone(str(event["message"])))
+                result.set_exception(_gone_error(event))
             else:
                 result.set_exception(_request_error(event))
 
@@ -203,12 +216,22 @@ class WorkerProcess:
         await asyncio.shield(self._reader)
 
     def memory_bytes(self) -> int:
+        """Resident memory (what `lms ps` shows): private memory plus the pages of the mapped model file."""
+        return self._memory(private=False)
+
+    def private_memory_bytes(self) -> int:
+        """Resident memory that is the worker's alone (KV cache, compute buffers, the interpreter): without the
+        mapped model file, whose pages the system already counts as available (reclaimable page cache)."""
+        return self._memory(private=True)
+
+    def _memory(self, *, private: bool) -> int:
         if self.exited.is_set():
             return 0
         try:
             import psutil
 
-            return int(psutil.Process(self.pid).memory_info().rss)
+            info = psutil.Process(self.pid).memory_info()
+            return int(info.rss - getattr(info, "shared", 0)) if private else int(info.rss)
         except Exception:  # noqa: BLE001 - the process may end between the check and the read
             return 0
 
@@ -232,7 +255,8 @@ class _Request:
         try:
             self.worker._send(**msg)
         except WorkerGone as exc:
-            self.deliver({"ev": "gone", "message": exc.message})  # never sent: it has ended already
+            # never sent: it has ended already
+            self.deliver({"ev": "gone", "message": exc.message, "stopped": isinstance(exc, WorkerStopped)})
             raise
 
     def deliver(self, event: dict[str, Any]) -> None:
@@ -268,7 +292,7 @@ class GenerateStream:
         if ev == "done":
             return event
         if ev == "gone":
-            raise WorkerGone(str(event["message"]))
+            raise _gone_error(event)
         raise _request_error(event)
 
     async def aclose(self) -> None:
@@ -277,6 +301,11 @@ class GenerateStream:
         if not self.ended.done():
             with contextlib.suppress(WorkerGone):
                 self._worker._send(op="cancel", id=self._req.rid)
+
+
+def _gone_error(event: dict[str, Any]) -> WorkerGone:
+    """A request ended by the worker's end: a crash (500) or a stop the daemon asked for (503)."""
+    return (WorkerStopped if event.get("stopped") else WorkerGone)(str(event["message"]))
 
 
 def _request_error(event: dict[str, Any]) -> Exception:

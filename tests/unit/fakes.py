@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lmsd.catalog import Catalog
-from lmsd.errors import ModelLoadFailed, Unavailable, WorkerGone
+from lmsd.errors import ModelLoadFailed, Unavailable, WorkerGone, WorkerStopped
 
 
 class FakeClock:
@@ -47,7 +47,7 @@ class FakeStream:
             raise StopAsyncIteration
         ev = await self._events.get()
         if ev["ev"] == "gone":
-            raise WorkerGone(ev["message"])
+            raise (WorkerStopped if ev.get("stopped") else WorkerGone)(ev["message"])
         return ev
 
     async def aclose(self) -> None:
@@ -92,25 +92,30 @@ class FakeWorker:
     async def stop(self, reason: str) -> None:
         if self.stopped is None and self.crashed is None:
             self.stopped = reason
-        self._end_requests(reason)
+        self._end_requests(reason, stopped=True)
         self._ended.set()
         if self.factory.stop_gate is not None:
             await self.factory.stop_gate.wait()  # the process takes its time to exit
         self.reaped = True
 
-    def _end_requests(self, why: str) -> None:
+    def _end_requests(self, why: str, *, stopped: bool) -> None:
         for stream in list(self.active):
-            stream.finish({"ev": "gone", "message": why})
+            stream.finish({"ev": "gone", "message": why, "stopped": stopped})
 
     def memory_bytes(self) -> int:
         return 0 if self.reaped or self.crashed else self.rss
+
+    def private_memory_bytes(self) -> int:
+        return self.memory_bytes()
 
     def on_exit(self, callback: Callable[[str], None]) -> None:
         self._exit_cb = callback
 
     def generate(self, kind: str, params: dict[str, Any]) -> FakeStream:
-        if self.stopped or self.crashed:
-            raise WorkerGone(self.stopped or self.crashed or "gone")
+        if self.stopped:
+            raise WorkerStopped(self.stopped)
+        if self.crashed:
+            raise WorkerGone(self.crashed)
         stream = FakeStream(self)
         self.active[stream] = None
         return stream
@@ -131,7 +136,7 @@ class FakeWorker:
             return
         self.crashed = why
         self.reaped = True
-        self._end_requests(f"the worker {why}")
+        self._end_requests(f"the worker {why}", stopped=False)
         self._ended.set()
         if self._exit_cb is not None:
             self._exit_cb(why)
