@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lmsd.errors import LmsError
+from lmsd.errors import LmsError, ModelLoadFailed, Unavailable, WorkerGone
 from lmsd.scheduler import Lease
 from tests.unit.conftest import GB, Env
 from tests.unit.fakes import FakeStream
@@ -42,8 +42,10 @@ class Caller:
 
     model: str
     task: asyncio.Task[Lease]
+    excuses_at_start: int  # how many events that may fail a request (unloads, crashes...) had happened before it
     stream: FakeStream | None = None
     done: bool = False  # released (normally or by leaving)
+    vanished: bool = False  # left mid-request: its slot is the worker's until the stream ends
 
 
 class LifecycleMachine(RuleBasedStateMachine):
@@ -56,6 +58,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.unloads: list[asyncio.Task[Any]] = []
         self.shutdown_task: asyncio.Task[None] | None = None
         self.grandfathered: set[int] = set()  # instances loaded before a limit was lowered (id of the object)
+        self.excuses = 0  # unloads, unload --all, shutdown, crashes, Ctrl-C on a load: events that may fail requests
+        self.graces: dict[int, float] = {}  # id(instance) -> the earliest grace deadline anyone asked for
 
     async def _make_env(self) -> Env:
         env = Env()
@@ -106,7 +110,7 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule(model=st.sampled_from(MODELS), ttl=st.sampled_from([None, 1, 10]))
     def jit_request(self, model: str, ttl: int | None) -> None:
-        self.callers.append(Caller(model, self.spawn(self.sched.acquire(model, ttl))))
+        self.callers.append(Caller(model, self.spawn(self.sched.acquire(model, ttl)), self.excuses))
 
     @rule(model=st.sampled_from(MODELS), ttl=st.sampled_from([None, 10]))
     def manual_load(self, model: str, ttl: int | None) -> None:
@@ -146,13 +150,16 @@ class LifecycleMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self._holding()))
     @rule(data=st.data())
     def client_vanishes_mid_request(self, data: st.DataObject) -> None:
-        caller = data.draw(st.sampled_from(self._holding()))
+        self.do(self._vanish, data.draw(st.sampled_from(self._holding())))
+
+    def _vanish(self, caller: Caller) -> None:
         caller.done = True
         if caller.stream is None:
-            self.do(self.sched.release, caller.task.result())
+            self.sched.release(caller.task.result())
         else:
-            self.run(caller.stream.aclose())
-            self.do(lambda: self.sched.release(caller.task.result(), until=caller.stream.ended))
+            caller.vanished = True
+            self.loop.create_task(caller.stream.aclose())  # FakeStream.aclose does its work before any await
+            self.sched.release(caller.task.result(), until=caller.stream.ended)
 
     @precondition(lambda self: any(not c.task.done() for c in self.callers))
     @rule(data=st.data())
@@ -178,15 +185,25 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(data=st.data(), grace=GRACES)
     def unload(self, data: st.DataObject, grace: float | None) -> None:
         ident = data.draw(st.sampled_from(sorted(i.identifier for i in self.sched.instances())))
+        self._note_grace([i for i in self.sched.instances() if i.identifier == ident], grace)
         self.unloads.append(self.spawn(self.sched.unload(ident, grace=grace)))
 
     @rule(grace=GRACES)
     def unload_all(self, grace: float | None) -> None:
+        self._note_grace(self.sched.instances(), grace)
         self.unloads.append(self.spawn(self.sched.unload_all(grace=grace)))
+
+    def _note_grace(self, insts: list[Any], grace: float | None) -> None:
+        self.excuses += 1
+        if grace is not None:
+            for inst in insts:
+                deadline = self.env.clock() + grace
+                self.graces[id(inst)] = min(self.graces.get(id(inst), deadline), deadline)
 
     @precondition(lambda self: any(not t.done() for t in self.unloads + self.loads))
     @rule(data=st.data())
     def ctrl_c_on_unload_or_load(self, data: st.DataObject) -> None:
+        self.excuses += 1  # Ctrl-C on a load that already started unloads it: its riders hear so
         data.draw(st.sampled_from([t for t in self.unloads + self.loads if not t.done()])).cancel()
         self.settle()
 
@@ -217,6 +234,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(not w.reaped for w in self.env.workers.workers))
     @rule(data=st.data())
     def worker_crashes(self, data: st.DataObject) -> None:
+        self.excuses += 1
         self.do(data.draw(st.sampled_from([w for w in self.env.workers.workers if not w.reaped])).crash)
 
     @rule(auto_evict=st.booleans(), max_loaded=st.sampled_from([0, 1, 2, 3]),
@@ -224,7 +242,8 @@ class LifecycleMachine(RuleBasedStateMachine):
     def settings_change(self, auto_evict: bool, max_loaded: int, limit: Any, jit: bool) -> None:
         s = self.env.settings
         lowered = (max_loaded and (not s.max_loaded_models or max_loaded < s.max_loaded_models)) or (
-            limit != "off" and (s.memory_limit == "off" or _n(limit) < _n(s.memory_limit)))
+            limit != "off" and (s.memory_limit == "off" or _n(limit) < _n(s.memory_limit))) or (
+            auto_evict and not s.auto_evict)
         if lowered:
             self.grandfathered |= {id(i) for i in self.sched.instances()}
         s.auto_evict, s.max_loaded_models, s.memory_limit, s.jit = auto_evict, max_loaded, limit, jit
@@ -233,30 +252,89 @@ class LifecycleMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.shutdown_task is None)
     @rule(grace=st.sampled_from([0.0, 2.0]))
     def shutdown(self, grace: float) -> None:
+        self._note_grace(self.sched.instances(), grace)
         self.shutdown_task = self.spawn(self.sched.shutdown(grace=grace))
+
+    # ------------------------------------------------------------ two things in the same instant
+
+    def _instant_actions(self) -> list[tuple[str, Any]]:
+        """Steps that can happen in one turn of the event loop, for `same_instant` to pair up."""
+        actions: list[tuple[str, Any]] = []
+        for c in self.callers:
+            if not c.task.done():
+                actions.append(("cancel waiting caller", c.task.cancel))
+        for c in self._holding():
+            actions.append(("caller finishes", lambda c=c: self._finish(c)))
+            actions.append(("caller vanishes", lambda c=c: self._vanish(c)))
+        for w in self.env.workers.workers:
+            for stream in w.active:
+                actions.append(("worker ends a request", stream.finish))
+            if not w.reaped:
+                actions.append(("worker crashes", w.crash))
+        for gate in self.env.workers.gates.values():
+            if not gate.is_set():
+                actions.append(("a load completes", gate.set))
+        for model in MODELS:
+            actions.append((f"request {model}", lambda m=model: self.callers.append(
+                Caller(m, self.loop.create_task(self.sched.acquire(m)), self.excuses))))
+        actions.append(("time passes 10 s", self._tick_after(10)))
+        actions.append(("time passes 150 s", self._tick_after(150)))
+        return actions
+
+    def _tick_after(self, seconds: float) -> Any:
+        def step() -> None:
+            self.env.clock.advance(seconds)
+            # tick() awaits nothing: run it to its end in this same turn of the loop
+            coro = self.sched.tick()
+            try:
+                coro.send(None)
+            except StopIteration:
+                pass
+            else:
+                raise AssertionError("tick() awaited something")
+        return step
+
+    @rule(data=st.data())
+    def same_instant(self, data: st.DataObject) -> None:
+        actions = self._instant_actions()
+        first, second = data.draw(st.lists(st.integers(0, len(actions) - 1), min_size=2, max_size=2, unique=True))
+        names = [actions[first][0], actions[second][0]]
+        if any(n == "worker crashes" for n in names):
+            self.excuses += 1
+
+        def both() -> None:
+            actions[first][1]()
+            actions[second][1]()
+
+        self.do(both)
 
     # ------------------------------------------------------------ invariants
 
     @invariant()
     def no_instance_stuck_unloading(self) -> None:
-        if self.env.workers.stop_gate is not None:
-            return  # a process that takes its time to exit keeps its instance in `unloading`: by design
+        slow_exit = self.env.workers.stop_gate is not None
         for inst in self.sched.instances():
             assert inst.state != "gone"
-            if inst.draining and inst.loaded:
+            if inst.draining and inst.loaded and not (slow_exit and inst.state == "stopping"):
+                # draining is only ever waiting for work to finish; once it is over (or cut) the unload goes on
                 assert inst.state == "draining" and inst.busy and not inst.cut, (
                     f"{inst.identifier} stuck in {inst.state} (busy={inst.busy}, cut={inst.cut!r})")
-            if inst.grace_deadline is not None and inst.grace_deadline <= self.env.clock() and inst.loaded:
-                raise AssertionError(f"{inst.identifier}: grace over but still in the table")
+            deadline = self.graces.get(id(inst))
+            if deadline is not None and deadline <= self.env.clock() and inst.loaded and not slow_exit:
+                raise AssertionError(f"{inst.identifier}: the grace asked for ran out, yet it is still loaded")
 
     @invariant()
-    def one_jit_instance_per_model(self) -> None:
-        keys = [i.key for i in self.sched.instances() if i.origin == "jit"]
+    def one_jit_instance_per_model_and_processes_match_the_table(self) -> None:
+        insts = self.sched.instances()
+        keys = [i.key for i in insts if i.origin == "jit"]
         assert len(keys) == len(set(keys)), keys
-        if self.env.settings.auto_evict and not self.grandfathered:
-            # with auto-evict, a second JIT model is only ever loading while the others drain
-            pass
-
+        if self.env.settings.auto_evict and not any(id(i) in self.grandfathered for i in insts):
+            live = [i.identifier for i in insts if i.origin == "jit" and not i.draining]
+            assert len(live) <= 1, f"auto-evict on, yet several JIT models serve: {live}"
+        workers = {id(i.worker) for i in insts if i.worker is not None}
+        for w in self.env.workers.workers:
+            # memory first: a process is out of the table only once it has exited
+            assert w.reaped or id(w) in workers, f"worker {w.pid} ({w.loaded_path}) runs outside the table"
     @invariant()
     def ttl_only_expires_idle_instances_and_only_jit_is_evicted(self) -> None:
         for inst in self.sched.instances():
@@ -278,12 +356,18 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert sum(i.estimate for i in insts) <= s.memory_limit
 
     @invariant()
-    def counters_are_sane(self) -> None:
+    def slots_follow_leases_and_the_worker(self) -> None:
         for inst in self.sched.instances():
-            assert 0 <= inst.in_flight <= self.sched.parallel
-            assert all(not w.fut.done() for w in inst.waiters)
-            if inst.waiters and inst.loaded and not inst.cut:
+            held = sum(1 for c in self.callers if c.task.done() and not c.task.cancelled()
+                       and c.task.exception() is None and c.task.result().instance is inst
+                       and (not c.done or (c.vanished and c.stream is not None and not c.stream.ended.done())))
+            assert inst.in_flight == held, f"{inst.identifier}: in_flight {inst.in_flight}, leases and work {held}"
+            assert all(not w.fut.done() for w in inst.waiters) or self._pending_cancel(inst)
+            if inst.waiters and inst.loaded and not inst.cut and not self._pending_cancel(inst):
                 assert inst.in_flight == self.sched.parallel  # nobody waits while a slot is free
+
+    def _pending_cancel(self, inst: Any) -> bool:
+        return any(w.fut.cancelled() for w in inst.waiters)
 
     @invariant()
     def callers_end_with_a_lease_or_a_typed_error(self) -> None:
@@ -291,6 +375,10 @@ class LifecycleMachine(RuleBasedStateMachine):
             if caller.task.done() and not caller.task.cancelled():
                 exc = caller.task.exception()
                 assert exc is None or isinstance(exc, LmsError), repr(exc)
+                if isinstance(exc, (Unavailable, ModelLoadFailed, WorkerGone)):
+                    # nobody is failed because another model was asked for, or a TTL ran out
+                    excused = self.excuses > caller.excuses_at_start or self.shutdown_task is not None
+                    assert excused, f"{caller.model}: {exc!r} with no unload or crash"
 
     def _open_everything(self) -> None:
         for gate in self.env.workers.gates.values():
