@@ -25,6 +25,7 @@ from lmsd.catalog import Catalog
 from lmsd.config import ApiKeyStore, Paths, SettingsStore
 from lmsd.errors import LmsError
 from lmsd.http.server import HttpService
+from lmsd.memory import Measurements
 from lmsd.scheduler import Scheduler
 from lmsd.worker.handle import WorkerPool
 
@@ -50,7 +51,7 @@ class Daemon:
         # LMS_MAX_QUEUE: requests one instance holds waiting before answering 429 (default 16).
         max_queue = int(os.environ.get("LMS_MAX_QUEUE", "16"))
         self.scheduler = Scheduler(self.catalog, self.pool, lambda: self.settings_store.settings,
-                                   max_queue=max_queue)
+                                   max_queue=max_queue, measurements=Measurements(paths.cache_dir / "memory.json"))
         self.api_key = ApiKeyStore(paths.home / "api_key")
         self.http = HttpService(self._make_http_app)
         self._lock_fd: int | None = None

@@ -20,11 +20,16 @@ Cheap to import (the daemon and the CLI both use it): no llama_cpp, no fastapi; 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from lmsd.catalog import ModelEntry
+
+log = logging.getLogger(__name__)
 
 KiB, MiB, GiB, TiB, PiB = (1 << 10), (1 << 20), (1 << 30), (1 << 40), (1 << 50)
 
@@ -197,3 +202,40 @@ def format_bytes(n: int) -> str:
             return f"{sign}{size:.0f} {unit}" if unit in ("B", "KB") else f"{sign}{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+class Measurements:
+    """The largest resident memory seen for each model at each context length, so reality corrects the estimate
+    "from then on" — across daemon restarts too, when given a file (LMS_HOME/cache/memory.json). Keyed by the
+    model file's path and size (and the context length): a replaced file starts afresh. Written only when a
+    figure grows."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._seen: dict[str, int] = {}
+        if path is not None:
+            try:
+                data = json.loads(path.read_text())
+                self._seen = {str(k): int(v) for k, v in data.items() if isinstance(v, int) and 0 < v < _MAX_ESTIMATE}
+            except (OSError, ValueError, TypeError, AttributeError):
+                self._seen = {}
+
+    @staticmethod
+    def _key(entry: ModelEntry, context_length: int) -> str:
+        return f"{entry.path}|{entry.size_bytes}|{context_length}"
+
+    def get(self, entry: ModelEntry, context_length: int) -> int:
+        return self._seen.get(self._key(entry, context_length), 0)
+
+    def record(self, entry: ModelEntry, context_length: int, resident: int) -> None:
+        key = self._key(entry, context_length)
+        if resident <= self._seen.get(key, 0):
+            return
+        self._seen[key] = resident
+        if self.path is not None:
+            from lmsd.config import write_atomically
+
+            try:
+                write_atomically(self.path, json.dumps(self._seen, indent=1, sort_keys=True) + "\n")
+            except OSError as exc:
+                log.warning("cannot save measured memory to %s: %s", self.path, exc)

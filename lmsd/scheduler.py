@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lmsd import placement
+from lmsd import memory, placement
 from lmsd.catalog import AmbiguousModel, Catalog, ModelEntry
 from lmsd.config import Settings
 from lmsd.errors import (
@@ -105,9 +105,8 @@ class Scheduler:
         offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
         estimate: Estimator | None = None,
         available_memory: Callable[[], int] | None = None,
+        measurements: memory.Measurements | None = None,
     ) -> None:
-        from lmsd import memory
-
         self.catalog = catalog
         self.worker_factory = worker_factory
         self.settings = settings
@@ -121,7 +120,7 @@ class Scheduler:
         self._instances: dict[str, Instance] = {}  # identifier -> instance; changed only by this class
         self._tickets: collections.deque[Ticket] = collections.deque()  # loads waiting for their turn, FIFO
         self._failed: dict[str, FailedLoad] = {}  # model key -> its last failed load, until the next request
-        self._measured: dict[tuple[str, int], int] = {}  # (path, context) -> largest resident memory seen
+        self._measured = measurements or memory.Measurements()  # largest resident memory seen per model/context
         self._changed = asyncio.Event()  # wakes the timer driver when a deadline may have moved
         self._subscribers: set[asyncio.Queue[SchedulerEvent]] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # loads and unloads the scheduler owns
@@ -166,8 +165,6 @@ class Scheduler:
     def budget(self) -> int | None:
         """Bytes the instances may be accounted for in all, or None when there is no limit. `auto`: what the system
         has available now, plus what our own workers hold, minus a safety margin."""
-        from lmsd import memory
-
         limit = self.settings().memory_limit
         if limit == "off":
             return None
@@ -198,7 +195,7 @@ class Scheduler:
                             detail)
 
     def _accounted(self, entry: ModelEntry, context_length: int) -> int:
-        return max(self.estimate(entry, context_length), self._measured.get((entry.path, context_length), 0))
+        return max(self.estimate(entry, context_length), self._measured.get(entry, context_length))
 
     # ---------------------------------------------------------------- events
 
@@ -583,9 +580,7 @@ class Scheduler:
         """Reality corrects the estimate: the larger of the two is used for this model from now on."""
         assert inst.worker is not None
         rss = inst.worker.memory_bytes()
-        k = (inst.entry.path, inst.context_length)
-        if rss > self._measured.get(k, 0):
-            self._measured[k] = rss
+        self._measured.record(inst.entry, inst.context_length, rss)
         inst.estimate = max(inst.estimate, rss)
 
     # ---------------------------------------------------------------- unloading

@@ -346,3 +346,20 @@ async def test_measured_memory_corrects_the_estimate(env: Env) -> None:
     await env.scheduler.unload("alpha")
     env.workers.rss = 1
     assert (await env.scheduler.estimate_load("alpha")).estimated_memory_bytes == 3 * GB
+
+
+async def test_measured_memory_survives_a_restart(env: Env, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from lmsd.memory import Measurements
+    from lmsd.scheduler import Scheduler
+
+    path = Path(str(tmp_path)) / "memory.json"
+    env.scheduler._measured = Measurements(path)
+    env.workers.rss = 3 * GB
+    await env.scheduler.load("alpha")
+    again = Scheduler(env.catalog, env.workers, lambda: env.settings, estimate=lambda e, c: GB,
+                      available_memory=lambda: 1 << 50, measurements=Measurements(path))
+    assert (await again.estimate_load("alpha")).estimated_memory_bytes == 3 * GB
+    path.write_text("{not json")
+    assert Measurements(path).get(env.catalog.entries[0], 4096) == 0  # a damaged file is ignored, not fatal
