@@ -46,6 +46,7 @@ class Caller:
     stream: FakeStream | None = None
     done: bool = False  # released (normally or by leaving)
     vanished: bool = False  # left mid-request: its slot is the worker's until the stream ends
+    error: LmsError | None = None  # what starting work on its lease raised (the model went away under it)
 
 
 class LifecycleMachine(RuleBasedStateMachine):
@@ -101,8 +102,9 @@ class LifecycleMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ rules: clients
 
     @initialize(auto_evict=st.booleans(), max_loaded=st.sampled_from([0, 0, 1, 2]),
-                limit=st.sampled_from(["off", "auto", 3 * GB, 4 * GB]))
-    def configure(self, auto_evict: bool, max_loaded: int, limit: Any) -> None:
+                limit=st.sampled_from(["off", "auto", 3 * GB, 4 * GB]), slow_cancel=st.booleans())
+    def configure(self, auto_evict: bool, max_loaded: int, limit: Any, slow_cancel: bool) -> None:
+        self.env.workers.slow_cancel = slow_cancel  # a worker busy in prompt processing finishes before it stops
         s = self.env.settings
         s.auto_evict, s.max_loaded_models, s.memory_limit = auto_evict, max_loaded, limit
         s.max_wait = 100
@@ -129,7 +131,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         def start() -> None:
             try:
                 caller.stream = lease.worker.generate("chat", {})
-            except LmsError:
+            except LmsError as exc:
+                caller.error = exc
                 caller.done = True
                 self.sched.release(lease)
 
@@ -373,7 +376,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     def callers_end_with_a_lease_or_a_typed_error(self) -> None:
         for caller in self.callers:
             if caller.task.done() and not caller.task.cancelled():
-                exc = caller.task.exception()
+                exc = caller.task.exception() or caller.error
                 assert exc is None or isinstance(exc, LmsError), repr(exc)
                 if isinstance(exc, (Unavailable, ModelLoadFailed, WorkerGone)):
                     # nobody is failed because another model was asked for, or a TTL ran out
@@ -409,7 +412,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert not hanging, f"requests never answered: {hanging}"
             assert all(t.done() for t in self.loads), "a load never ended"
             assert all(t.done() for t in self.unloads), "an unload never ended"
-            self.run(asyncio.wait_for(self.sched.shutdown(grace=0), 0.5))
+            self.run(asyncio.wait_for(self.sched.shutdown(grace=0), 0.1))
             assert not self.sched.instances() and not self.env.workers.running
             for task in [c.task for c in self.callers] + self.loads + self.unloads:
                 if task.done() and not task.cancelled():
