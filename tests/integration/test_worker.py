@@ -97,3 +97,28 @@ async def test_killed_worker_fails_running_request_and_reports_exit(tiny_file: P
             os.kill(worker.pid, signal.SIGKILL)
     await asyncio.wait_for(worker.exited.wait(), 10)
     assert exits == ["killed by SIGKILL"]
+
+
+async def test_a_worker_that_does_not_exit_when_told_is_killed_and_reaped(tiny_file: Path, tmp_path: Path) -> None:
+    worker = await WorkerProcess.spawn(tmp_path / "workers.log")
+    await worker.load(str(tiny_file), 256, lambda _f: None)
+    os.kill(worker.pid, signal.SIGSTOP)  # frozen: it cannot read the shutdown command
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(worker.stop("unloaded"), 30)
+    waited = asyncio.get_running_loop().time() - started
+    assert 9 <= waited < 25 and "SIGKILL" in worker.exit_why  # told, given 10 s, then SIGKILLed
+    assert not pid_alive(worker.pid)  # and reaped: no zombie holding the memory
+
+
+async def test_a_stream_ended_by_stop_says_so_and_its_end_is_reported(tiny_file: Path, tmp_path: Path) -> None:
+    from lmsd.errors import WorkerStopped
+
+    worker = await WorkerProcess.spawn(tmp_path / "workers.log")
+    await worker.load(str(tiny_file), 256, lambda _f: None)
+    stream = worker.generate("completion", {"prompt": "a", "max_tokens": 200, "ignore_eos": True})
+    await stream.__anext__()
+    await worker.stop("'tiny' was unloaded (lms unload) after a grace period of 1s")
+    with pytest.raises(WorkerStopped, match="grace period"):
+        while True:
+            await stream.__anext__()
+    assert stream.ended.done()  # the slot follows the worker: ended once the worker is gone
