@@ -48,8 +48,10 @@ class Daemon:
         self.settings_store = SettingsStore(paths.settings)
         self.catalog = Catalog(paths.models, paths.cache_dir / "catalog.json")
         self.pool = WorkerPool(paths.log_dir / "workers.log")
-        # LMS_MAX_QUEUE: requests one instance holds waiting before answering 429 (default 16).
-        max_queue = int(os.environ.get("LMS_MAX_QUEUE", "16"))
+        # LMS_MAX_QUEUE: requests one model holds waiting (for a slot, or riding its load) before answering 429.
+        # 64 by default: under contention every request for a model waits for its swap, and a few agents with
+        # several requests each fill 16 (Ollama's OLLAMA_MAX_QUEUE is 512; max_wait bounds the wait anyway).
+        max_queue = int(os.environ.get("LMS_MAX_QUEUE", "64"))
         self.scheduler = Scheduler(self.catalog, self.pool, lambda: self.settings_store.settings,
                                    max_queue=max_queue, measurements=Measurements(paths.cache_dir / "memory.json"))
         self.api_key = ApiKeyStore(paths.home / "api_key")

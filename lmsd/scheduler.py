@@ -101,7 +101,7 @@ class Scheduler:
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
         parallel: int = 1,
-        max_queue: int = 16,
+        max_queue: int = 64,
         offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
         estimate: Estimator | None = None,
         available_memory: Callable[[], int] | None = None,
