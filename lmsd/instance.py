@@ -119,6 +119,7 @@ class Ticket:
     progress: ProgressFn | None
     result: asyncio.Future[Instance]  # the placed (loading) instance, or the refusal
     waiters: collections.deque[Waiter] = field(default_factory=collections.deque)  # JIT requests riding on it
+    dropped: bool = False  # given up before it started (withdrawn, refused, served by another instance)
 
 
 @dataclass(eq=False)
@@ -129,6 +130,7 @@ class Instance:
     ttl: int | None
     context_length: int
     estimate: int = 0  # bytes this instance is accounted for (the larger of estimate and measured reality)
+    requested_context: int = 0  # the context length asked for (what estimates and measurements are keyed by)
     worker: Worker | None = None
     state: State = "loading"
     in_flight: int = 0

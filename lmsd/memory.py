@@ -208,7 +208,7 @@ class Measurements:
     """The largest resident memory seen for each model at each context length, so reality corrects the estimate
     "from then on" — across daemon restarts too, when given a file (LMS_HOME/cache/memory.json). Keyed by the
     model file's path and size (and the context length): a replaced file starts afresh. Written only when a
-    figure grows."""
+    figure grows by more than 5% (it is written on the daemon's loop: rarely, and small)."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
@@ -229,10 +229,11 @@ class Measurements:
 
     def record(self, entry: ModelEntry, context_length: int, resident: int) -> None:
         key = self._key(entry, context_length)
-        if resident <= self._seen.get(key, 0):
+        before = self._seen.get(key, 0)
+        if resident <= before:
             return
         self._seen[key] = resident
-        if self.path is not None:
+        if self.path is not None and resident > before * 1.05:  # small growths are kept in memory, not written
             from lmsd.config import write_atomically
 
             try:

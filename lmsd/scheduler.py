@@ -441,6 +441,11 @@ class Scheduler:
         while self._tickets:
             ticket = self._tickets[0]
             if ticket.origin == "jit":
+                # riders cancelled in this same instant have not withdrawn yet: a load nobody waits for is dropped
+                ticket.waiters = collections.deque(w for w in ticket.waiters if not w.fut.done())
+                if not ticket.waiters:
+                    self._drop_ticket(ticket, pump=False)
+                    continue
                 serving = self._find_serving(ticket.entry.key)
                 if serving is not None:  # loaded meanwhile (by `lms load`, say): ride on it
                     self._move_waiters(ticket, serving)
@@ -481,18 +486,28 @@ class Scheduler:
             for waiter in ticket.waiters:
                 _fail(waiter.fut, err)
             ticket.waiters.clear()
+        ticket.dropped = True
         for inst in list(self._instances.values()):
-            if inst.evicted_for is ticket and inst.state == "draining" and inst.loaded and not inst.must_go \
-                    and not inst.cut and inst.unload_task is not None:
-                log.info("keeping %s: the load it was evicted for is gone", inst.identifier)
-                inst.unload_task.cancel()
-                inst.unload_task = None
-                inst.unload_reason = None
-                inst.evicted_for = None
-                inst.move("ready")
-                self._after_request(inst)
+            if inst.evicted_for is ticket and inst.loaded:
+                self._keep(inst)  # (one still loading is kept when its load is done: see _run_unload)
         if pump:
             self._pump()
+
+    def _keep(self, inst: Instance, *, cancel: bool = True) -> None:
+        """Stops the eviction of `inst` if it drains only for a load that was given up, and nobody asked for it to
+        go: it serves again instead of being unloaded (and reloaded) for nothing."""
+        ticket = inst.evicted_for
+        if ticket is None or not ticket.dropped or inst.state != "draining" or inst.must_go or inst.cut \
+                or inst.unload_task is None:
+            return
+        log.info("keeping %s: the load it was evicted for was given up", inst.identifier)
+        if cancel:
+            inst.unload_task.cancel()
+        inst.unload_task = None
+        inst.unload_reason = None
+        inst.evicted_for = None
+        inst.move("ready")
+        self._after_request(inst)
 
     def _move_waiters(self, ticket: Ticket, inst: Instance) -> None:
         if not ticket.result.done():
@@ -509,7 +524,8 @@ class Scheduler:
     def _place(self, ticket: Ticket, estimate: int) -> Instance:
         identifier = ticket.identifier or self._next_identifier(ticket.entry.key)
         inst = Instance(identifier=identifier, entry=ticket.entry, origin=ticket.origin, ttl=ticket.ttl,
-                        context_length=ticket.context_length, estimate=estimate)
+                        context_length=ticket.context_length, estimate=estimate,
+                        requested_context=ticket.context_length)
         inst.last_used = self.clock()
         inst.load_deadline = self.clock() + self.settings().load_timeout
         self._instances[identifier] = inst
@@ -530,7 +546,8 @@ class Scheduler:
 
     async def _run_load(self, inst: Instance, progress: ProgressFn | None) -> None:
         def on_progress(fraction: float) -> None:
-            inst.load_deadline = self.clock() + self.settings().load_timeout  # progress: the clock starts again
+            if inst.abort is None:  # progress: the clock starts again (not for a load being stopped)
+                inst.load_deadline = self.clock() + self.settings().load_timeout
             if progress is not None:
                 progress(fraction)
 
@@ -580,7 +597,7 @@ class Scheduler:
         """Reality corrects the estimate: the larger of the two is used for this model from now on."""
         assert inst.worker is not None
         rss = inst.worker.memory_bytes()
-        self._measured.record(inst.entry, inst.context_length, rss)
+        self._measured.record(inst.entry, inst.requested_context or inst.context_length, rss)
         inst.estimate = max(inst.estimate, rss)
 
     # ---------------------------------------------------------------- unloading
@@ -639,6 +656,11 @@ class Scheduler:
             await asyncio.shield(inst.ready)  # an evicted load finishes first and serves who waits on it
         except Exception:  # noqa: BLE001 - the load failed: _run_load has cleaned up
             return
+        if inst.evicted_for is not None and inst.evicted_for.dropped:
+            self._keep(inst, cancel=False)  # evicted while loading, for a load that was then given up
+            if inst.unload_task is None:
+                self._pump()
+                return
         await inst.drained.wait()  # idle, or the grace ran out (cut)
         if inst.state == "gone":
             return  # the worker crashed meanwhile

@@ -115,7 +115,7 @@ class Inference:
             return Generation(lease, entry, stream, first, started, endpoint)
 
         try:
-            return await until_disconnect(request, begin())
+            return await until_disconnect(request, begin(), orphan=self.finish)
         except LmsError as exc:
             self._record_failure(body.model, endpoint, exc, started)
             raise from_lms_error(exc) from None
@@ -220,8 +220,10 @@ async def _close(stream: AsyncIterator[dict[str, Any]]) -> None:
             await aclose()
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Awaits `work`, cancelling it (and raising ClientGone) if the client disconnects meanwhile."""
+async def until_disconnect(request: Request, work: Awaitable[T],
+                           orphan: Callable[[T], Awaitable[None]] | None = None) -> T:
+    """Awaits `work`, cancelling it (and raising ClientGone) if the client disconnects meanwhile. If this handler is
+    itself cancelled just as `work` finished, `orphan(result)` gives back what the result holds (a lease)."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -239,7 +241,14 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
                 return result
     except asyncio.CancelledError:
         task.cancel()
+        if orphan is not None:
+            task.add_done_callback(lambda t: _orphaned(t, orphan))
         raise
+
+
+def _orphaned(task: asyncio.Future[T], orphan: Callable[[T], Awaitable[None]]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        asyncio.ensure_future(orphan(task.result()))
 
 
 class CleanupStreamingResponse(StreamingResponse):

@@ -363,3 +363,31 @@ async def test_measured_memory_survives_a_restart(env: Env, tmp_path: object) ->
     assert (await again.estimate_load("alpha")).estimated_memory_bytes == 3 * GB
     path.write_text("{not json")
     assert Measurements(path).get(env.catalog.entries[0], 4096) == 0  # a damaged file is ignored, not fatal
+
+
+async def test_a_load_evicted_for_a_request_that_left_is_kept_once_loaded(env: Env) -> None:
+    gate = env.workers.gates["/models/alpha.gguf"] = asyncio.Event()
+    first = asyncio.create_task(env.scheduler.acquire("alpha"))
+    await settle()
+    beta = asyncio.create_task(env.scheduler.acquire("beta"))
+    await settle()
+    assert status(env, "alpha") == "unloading"  # evicted while loading
+    beta.cancel()  # the client that wanted beta leaves
+    await settle()
+    gate.set()
+    lease = await first
+    again = asyncio.create_task(env.scheduler.acquire("alpha"))
+    env.scheduler.release(lease)
+    second = await again
+    assert second.instance is lease.instance and env.workers.loads == ["/models/alpha.gguf"]  # no reload
+    env.scheduler.release(second)
+
+
+async def test_no_load_for_riders_who_all_left_in_the_same_instant(env: Env) -> None:
+    a = await env.scheduler.acquire("alpha")
+    beta = asyncio.create_task(env.scheduler.acquire("beta"))
+    await settle()
+    env.scheduler.release(a)  # alpha's drain ends...
+    beta.cancel()  # ...as beta's only client leaves
+    await settle()
+    assert "/models/beta.gguf" not in env.workers.loads
