@@ -58,11 +58,11 @@ class Daemon:
         self.http = HttpService(self._make_http_app)
         self._lock_fd: int | None = None
 
-    def _make_http_app(self, cors: bool) -> Any:
+    def _make_http_app(self, cors: bool, bind: str) -> Any:
         from lmsd.http.server import create_app
 
         return create_app(self.scheduler, self.catalog, lambda: self.settings_store.settings, self.api_key.get,
-                          cors=cors)
+                          cors=cors, bind=bind)
 
     async def start_http(self, port: int, bind: str, cors: bool) -> None:
         """Starts (or restarts) the HTTP endpoint and remembers it, so the next daemon start brings it back.

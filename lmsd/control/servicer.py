@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -163,12 +164,20 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             # Everything is checked before anything is written: a refused request changes nothing.
             if key and (len(key) < 8 or any(c.isspace() for c in key)):
                 raise ValueError("an API key needs at least 8 characters and no spaces")
+            candidate = dataclasses.replace(self.daemon.settings_store.settings, **changes)
+            candidate.validate()
+            if self.daemon.http.running and {"port", "bind", "cors"} & set(changes):
+                # Move the endpoint first: if the new address cannot be bound, the old one keeps serving and
+                # nothing is saved.
+                await self.daemon.http.start(candidate.port, candidate.bind, candidate.cors)
             self.daemon.settings_store.update(**changes)
             if key is not None:
                 self.daemon.api_key.set(key or None)
                 log.info("API key %s", "set" if key else "cleared")  # the key itself is never logged
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except LmsError as exc:
+            await _abort(context, exc)
         except OSError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"could not save settings to {self.daemon.settings_store.path}: "
@@ -176,12 +185,6 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         if changes:
             log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
             self.scheduler.settings_changed()
-            if self.daemon.http.running and {"port", "bind", "cors"} & set(changes):
-                s = self.daemon.settings_store.settings
-                try:
-                    await self.daemon.http.start(s.port, s.bind, s.cors)  # apply address changes now
-                except LmsError as exc:
-                    await _abort(context, exc)
             self.scheduler.emit(SchedulerEvent("settings", "", "", message=", ".join(
                 f"{k}={v}" for k, v in changes.items())))
         return self._settings_pb()

@@ -39,19 +39,30 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a larger request body gets 413; prompts and embedding batches fit easily
 
 
-class _Guard:
-    """Pure ASGI middleware: the API key check (401) and the body size limit (413), before any route runs."""
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
-    def __init__(self, app: ASGIApp, api_key: Callable[[], str | None], limit: int) -> None:
+
+class _Guard:
+    """Pure ASGI middleware, before any route runs: web pages (403 for an Origin CORS does not allow, and for a
+    foreign Host while bound to loopback: DNS rebinding), the API key (401) and the body size limit (413)."""
+
+    def __init__(self, app: ASGIApp, api_key: Callable[[], str | None], limit: int, *, cors: bool,
+                 loopback: bool) -> None:
         self.app = app
         self.api_key = api_key
         self.limit = limit
+        self.cors = cors
+        self.loopback = loopback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        refusal = self._foreign(headers)
+        if refusal:
+            await _send_json(send, 403, error_body(403, refusal, code="forbidden"), {})
+            return
         key = self.api_key()
         if key is not None and scope.get("method") != "OPTIONS":
             given = headers.get("authorization", "")
@@ -77,6 +88,27 @@ class _Guard:
             return message
 
         await self.app(scope, limited, send)
+
+
+    def _foreign(self, headers: dict[str, str]) -> str:
+        """Why a request from a web page must be refused, or "". Clients that send no Origin (curl, SDKs) pass."""
+        host = headers.get("host", "")
+        if self.loopback and host and _hostname(host) not in _LOOPBACK_HOSTS:
+            return (f"Host '{host[:100]}' is not this machine: while bound to loopback the endpoint answers only "
+                    "localhost, 127.0.0.1 and [::1] (a web page using DNS rebinding?)")
+        origin = headers.get("origin")
+        if origin is not None and not self.cors:
+            return (f"cross-origin request from '{origin[:100]}' refused: CORS is off. Allow web pages with "
+                    "`lms server start --cors`")
+        return ""
+
+
+def _hostname(host: str) -> str:
+    """The host of a Host header without its port: `localhost:1234` -> `localhost`, `[::1]:80` -> `[::1]`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _too_large(limit: int) -> str:
@@ -108,7 +140,7 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dic
 
 
 def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Settings],
-               api_key: Callable[[], str | None], *, cors: bool) -> ASGIApp:
+               api_key: Callable[[], str | None], *, cors: bool, bind: str = "127.0.0.1") -> ASGIApp:
     app = FastAPI(title="lmsd", docs_url=None, redoc_url=None, openapi_url=None)
     inference = Inference(scheduler)
 
@@ -160,7 +192,7 @@ def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Se
         log.exception("internal error answering a request")
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
 
-    guarded: ASGIApp = _Guard(app, api_key, MAX_BODY_BYTES)
+    guarded: ASGIApp = _Guard(app, api_key, MAX_BODY_BYTES, cors=cors, loopback=_is_loopback(bind))
     if cors:
         guarded = CORSMiddleware(guarded, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     return guarded
@@ -198,7 +230,7 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpService:
     """Starts and stops the HTTP endpoint on the daemon's loop."""
 
-    def __init__(self, make_app: Callable[[bool], Any]) -> None:
+    def __init__(self, make_app: Callable[[bool, str], Any]) -> None:
         self.make_app = make_app
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -211,12 +243,17 @@ class HttpService:
         return self._task is not None and not self._task.done()
 
     async def start(self, port: int, bind: str, cors: bool) -> None:
-        if self.running:
-            if (port, bind, cors) == (self.port, self.bind, self.cors):
-                return
-            await self.stop()
+        """Starts the endpoint, or moves it to new settings. The new socket is bound before the running endpoint
+        is stopped: if it cannot be bound, the old one keeps serving and this raises."""
+        if self.running and (port, bind, cors) == (self.port, self.bind, self.cors):
+            return
+        same_address = self.running and (port, bind) == (self.port, self.bind)
+        if same_address:
+            await self.stop()  # only CORS changed: the same socket cannot be bound twice
         sock = _bind(bind, port)
-        config = uvicorn.Config(self.make_app(cors), log_config=None, access_log=False, lifespan="off",
+        if self.running:
+            await self.stop()
+        config = uvicorn.Config(self.make_app(cors, bind), log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5, timeout_keep_alive=30)
         server = _EmbeddedServer(config)
         self._server, self.port, self.bind, self.cors = server, port, bind, cors
@@ -239,6 +276,15 @@ class HttpService:
 
     def url(self) -> str:
         return f"http://{_host(self.bind)}:{self.port}" if self.running else ""
+
+
+def _is_loopback(bind: str) -> bool:
+    if bind.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False
 
 
 def _host(bind: str) -> str:

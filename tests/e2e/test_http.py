@@ -347,6 +347,37 @@ def test_port_in_use_is_a_clear_error(server: Server) -> None:
         port = s.getsockname()[1]
         out = server.lms("server", "start", "--port", str(port))
     assert out.returncode == 1 and f"port {port} on 127.0.0.1 is already in use" in out.stderr
+    # The endpoint that was running keeps serving on its old port, and the failed port was not saved.
+    with server.client() as c:
+        assert c.get("/v1/models").status_code == 200
+    assert server.lms.json("server", "status")["port"] == int(server.url.rsplit(":", 1)[1])
+    assert server.lms.json("server", "settings")["port"] != port
+
+
+def test_web_pages_cannot_use_the_endpoint_unless_cors_allows_them(server: Server) -> None:
+    body = json.dumps({"model": "alpha", "messages": HI, "max_tokens": 2})
+    with server.client() as c:
+        # A page's "simple request": text/plain, no preflight. Refused before any work.
+        r = c.post("/v1/chat/completions", content=body,
+                   headers={"Content-Type": "text/plain", "Origin": "https://evil.example"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        assert "CORS is off" in r.json()["error"]["message"]
+        # DNS rebinding: a foreign Host while bound to loopback.
+        r = c.get("/v1/models", headers={"Host": "evil.example:1234"})
+        assert r.status_code == 403 and "DNS rebinding" in r.json()["error"]["message"]
+        for host in ("localhost:1", "127.0.0.1", "[::1]:8080"):
+            assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
+        # Clients that send no Origin keep working, whatever the content type (curl -d's default included).
+        r = c.post("/v1/chat/completions", content=body,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200, r.text
+    assert identifiers(server) == ["alpha"]  # loaded by the last request only
+    port = int(server.url.rsplit(":", 1)[1])
+    server.lms("server", "start", "--port", str(port), "--cors", check=True)
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", content=body,
+                   headers={"Content-Type": "text/plain", "Origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
 
 
 def test_api_key(server: Server) -> None:
