@@ -6,23 +6,39 @@ JSON field names are a documented interface (docs/cli.md): add fields, never ren
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # Off a terminal (pipes, scripts, tests) Rich would assume 80 columns and cut table cells; use room instead.
 stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(value: object) -> str:
+    """Text that came from a file or a client, safe for a terminal: control characters (escape sequences, carriage
+    returns, bells) are shown escaped (`\\x1b`), never sent. Pair it with markup off, or use `cell`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
+def cell(value: object) -> Text:
+    """A table cell shown as it is: no Rich markup (`[red]` stays `[red]`), control characters escaped."""
+    return Text(clean(value))
+
+
 def err(message: str) -> None:
-    stderr.print(message, markup=False)
+    stderr.print(clean(message), markup=False, highlight=False)
 
 
 def info(message: str) -> None:
-    stderr.print(message, markup=False, style="dim" if stderr.is_terminal else None)
+    stderr.print(clean(message), markup=False, highlight=False, style="dim" if stderr.is_terminal else None)
 
 
 def print_json(data: Any) -> None:
@@ -125,7 +141,7 @@ def print_instances(instances: list[Any], memory: Any = None) -> None:
         status = i.status
         if i.in_flight or i.queued:
             status += f" ({i.in_flight} running, {i.queued} queued)"
-        table.add_row(i.identifier, i.model, status, i.origin, format_bytes(i.size_bytes),
+        table.add_row(cell(i.identifier), cell(i.model), cell(status), i.origin, format_bytes(i.size_bytes),
                       format_bytes(i.memory_bytes), str(i.context_length or "-"), ttl_cell(i))
     stdout.print(table)
     for i in instances:
@@ -162,9 +178,10 @@ def print_models(models: list[Any], models_dir: str) -> None:
         table.add_column(col, no_wrap=col != "MODEL")
     for m in models:
         if m.error:
-            table.add_row(m.key, "-", "-", "-", format_bytes(m.size_bytes), "-", "[red]unreadable[/red]", "")
+            table.add_row(cell(m.key), "-", "-", "-", format_bytes(m.size_bytes), "-", "[red]unreadable[/red]", "")
             continue
-        table.add_row(m.key, format_params(m.params), m.arch, m.quantization, format_bytes(m.size_bytes),
+        table.add_row(cell(m.key), format_params(m.params), cell(m.arch), cell(m.quantization),
+                      format_bytes(m.size_bytes),
                       str(m.max_context_length or "-"), m.type, "✓" if m.loaded else "")
     stdout.print(table)
     bad = [m for m in models if m.error]
@@ -201,7 +218,7 @@ def print_settings(s: Any) -> None:
     table.add_row("auto_evict", _on(s.auto_evict), "a JIT load first unloads other JIT-loaded models")
     table.add_row("default_ttl", f"{format_duration(s.default_ttl)} ({s.default_ttl}s)", "idle TTL of JIT loads")
     table.add_row("port", str(s.port), "HTTP endpoint port")
-    table.add_row("bind", s.bind, "HTTP endpoint address")
+    table.add_row("bind", cell(s.bind), "HTTP endpoint address")
     table.add_row("cors", _on(s.cors), "answer cross-origin HTTP requests")
     limit = format_bytes(int(s.memory_limit)) if s.memory_limit.isdigit() else s.memory_limit
     table.add_row("memory_limit", limit, "memory budget of all loaded models (auto: available less a margin)")
@@ -243,6 +260,11 @@ def event_json(e: Any) -> dict[str, Any]:
 
 
 def event_line(e: Any) -> str:
+    """One line of `lms log stream`, with everything a client or a file put in it made safe for the terminal."""
+    return clean(_event_line(e))
+
+
+def _event_line(e: Any) -> str:
     import datetime
 
     ts = datetime.datetime.fromtimestamp(e.time_unix).strftime("%H:%M:%S")

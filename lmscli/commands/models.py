@@ -11,6 +11,7 @@ import typer
 from lmscli.client import EXIT_USAGE, CliError, boundary, connect
 from lmscli.durations import ttl_callback
 from lmscli.output import (
+    clean,
     err,
     format_duration,
     info,
@@ -81,7 +82,7 @@ def load(
     if as_json:
         print_json(instance_json(instance))
     else:
-        stdout.print(instance.identifier, markup=False)
+        stdout.print(clean(instance.identifier), markup=False, highlight=False)
 
 
 def _print_estimate(est: object, as_json: bool) -> None:
@@ -92,10 +93,10 @@ def _print_estimate(est: object, as_json: bool) -> None:
         print_json(data)
     else:
         budget = format_bytes(data["budget_bytes"]) if data["budget_bytes"] is not None else "no budget"
-        stdout.print(f"{data['model']} at context {data['context_length']}: about "
+        stdout.print(clean(f"{data['model']} at context {data['context_length']}: about "
                      f"{format_bytes(data['estimated_memory_bytes'])} (budget {budget}, "
                      f"{format_bytes(data['available_bytes'])} available): "
-                     f"{'fits' if data['fits'] else 'does not fit'}", markup=False)
+                     f"{'fits' if data['fits'] else 'does not fit'}"), markup=False, highlight=False)
     detail = getattr(est, "detail", "")
     if detail:
         err(detail)
@@ -122,9 +123,9 @@ def _choose_model(query: str, keys: list[str], yes: bool, models_dir: str) -> st
         )
     from rich.prompt import IntPrompt
 
-    stderr.print(f"'{query}' matches several models:")
+    err(f"'{query}' matches several models:")
     for n, key in enumerate(ranked[:9], 1):
-        stderr.print(f"  {n}. {key}", markup=False)
+        err(f"  {n}. {key}")
     choice = IntPrompt.ask("Load which one", console=stderr, choices=[str(n) for n in range(1, len(ranked[:9]) + 1)],
                            default=1)
     return ranked[choice - 1]

@@ -253,3 +253,19 @@ def test_ambiguous_model_on_a_terminal_asks_which_one(home: Home, lms: Lms, tiny
     assert proc.wait(30) == 0
     os.close(controller)
     assert [i["identifier"] for i in loaded(lms)] == ["lms-tiny-alpha"]
+
+
+def test_names_from_files_are_printed_as_text_never_as_markup_or_escape_codes(home: Home, lms: Lms,
+                                                                               tiny_file: Path) -> None:
+    name = "Bad[red]name[link=http:__evil]X\x1b[31m.Q4_1.gguf"
+    home.add(tiny_file, f"test/evil/{name}")
+    key = "bad[red]name[link=http:__evil]x\x1b[31m"
+    assert [m["key"] for m in lms.json("ls")] == [key]  # JSON carries the real key
+    table = lms("ls", check=True).stdout
+    assert "bad[red]name[link=http:__evil]x\\x1b[31m" in table  # shown as it is, the escape code escaped
+    assert "\x1b" not in table
+    lms("load", key, check=True)
+    ps = lms("ps", check=True)
+    assert "bad[red]name" in ps.stdout and "\x1b" not in ps.stdout + ps.stderr
+    out = lms("unload", key, check=True)
+    assert "\x1b" not in out.stderr and "bad[red]name[link=http:__evil]x\\x1b[31m" in out.stderr
