@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 # A trailing quantization tag in a file stem: ".Q4_1", "-q4_k_m", "-IQ3_XS", ".F16", "-bf16" ...
 _QUANT_TAG = re.compile(r"[.\-_](?:i?q\d[a-z0-9_]*|f16|f32|bf16|fp16|fp32)$", re.IGNORECASE)
 _EMBEDDING_ARCHS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "t5encoder", "modern-bert"}
+MAX_DEPTH = 8  # publisher/repo/file.gguf is 3 deep; LM Studio's folders are never deeper than this
+MAX_ENTRIES = 200_000  # files and folders walked in one scan
 _CACHE_VERSION = 3  # 3: the header facts the memory estimate needs (n_layer ... n_vocab)
 
 # Upper bounds for header numbers (model files come from the internet). The largest real models are far below
@@ -164,12 +166,32 @@ class Catalog:
             log.warning("cannot write catalog cache: %s", exc)
 
     def _files(self) -> list[Path]:
+        """Every *.gguf below the models folder. Links are followed (a user's LM Studio folder is often links), but
+        each real directory is visited once — a symlink loop cannot multiply the walk — and the walk is bounded in
+        depth and in entries, so one odd folder can never hold the catalog (and the daemon) for long."""
         if not self.models_dir.is_dir():
             return []
         found: list[Path] = []
+        seen: set[tuple[int, int]] = set()
+        entries = 0
         for root, dirs, files in os.walk(self.models_dir, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            try:
+                st = os.stat(root)
+            except OSError:
+                dirs[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                dirs[:] = []  # reached again through a link: already walked
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            depth = len(Path(root).relative_to(self.models_dir).parts)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < MAX_DEPTH else []
+            entries += len(dirs) + len(files)
             found.extend(Path(root) / f for f in sorted(files) if f.lower().endswith(".gguf") and not f.startswith("."))
+            if entries > MAX_ENTRIES:
+                log.warning("the models folder %s has more than %d entries; listing stopped there", self.models_dir,
+                            MAX_ENTRIES)
+                break
         return found
 
     def scan(self) -> list[ModelEntry]:

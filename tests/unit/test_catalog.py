@@ -108,3 +108,20 @@ def test_resolve(tiny_file: Path, tmp_path: Path) -> None:
     for path in ("../../etc/passwd", "/etc/passwd", "p/../../x.gguf", "~/x.gguf"):
         with pytest.raises(ValueError, match="looks like a filesystem path"):
             cat.resolve(path)
+
+
+def test_symlink_loops_are_walked_once_and_quickly(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from lmsd.catalog import Catalog
+
+    models = tmp_path / "models"
+    (models / "pub" / "repo").mkdir(parents=True)
+    (models / "pub" / "repo" / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    os.symlink(models, models / "pub" / "loop-a")  # two links back to the top: exponential without cycle checks
+    os.symlink(models / "pub", models / "pub" / "repo" / "loop-b")
+    started = time.monotonic()
+    entries = Catalog(models).scan()
+    assert time.monotonic() - started < 5
+    assert [e.rel_path for e in entries] == ["pub/repo/m.Q4_1.gguf"]  # listed once, not once per path through a loop
