@@ -51,7 +51,7 @@ class Daemon:
         # LMS_MAX_QUEUE: requests one model holds waiting (for a slot, or riding its load) before answering 429.
         # 64 by default: under contention every request for a model waits for its swap, and a few agents with
         # several requests each fill 16 (Ollama's OLLAMA_MAX_QUEUE is 512; max_wait bounds the wait anyway).
-        max_queue = int(os.environ.get("LMS_MAX_QUEUE", "64"))
+        max_queue = _env_int("LMS_MAX_QUEUE", 64, 1, 100_000)
         self.scheduler = Scheduler(self.catalog, self.pool, lambda: self.settings_store.settings,
                                    max_queue=max_queue, measurements=Measurements(paths.cache_dir / "memory.json"))
         self.api_key = ApiKeyStore(paths.home / "api_key")
@@ -152,6 +152,17 @@ class Daemon:
 
     def request_stop(self) -> None:
         self.stopping.set()
+
+
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    """A whole number from the environment; anything else is logged and the default used (never a traceback)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if text.isdigit() and low <= int(text) <= high:
+        return int(text)
+    log.warning("%s=%r is not a whole number from %d to %d; using %d", name, text[:40], low, high, default)
+    return default
 
 
 def _read_pid(paths: Paths) -> str:

@@ -13,12 +13,18 @@ from lmsd.http.errors import HttpError
 M = TypeVar("M", bound=BaseModel)
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (NaN and Infinity are not numbers a request may carry)")
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise HttpError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise HttpError(400, "the request body must be a JSON object", code="invalid_request_error")
     try:

@@ -13,13 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 MAX_TTL = 365 * 86400  # seconds; a larger ttl is a mistake, not a plan
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
-Number = Annotated[float, Field(strict=False)]
+Number = Annotated[float, Field(strict=False, allow_inf_nan=False)]  # NaN and Infinity are never a setting
+MAX_MODEL_NAME = 512  # characters; keys and relative paths are far shorter, and matching a name costs its length
+MAX_LOGIT_BIAS = 1024  # entries; each is applied to every sampled token
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     ttl: StrictInt | None = Field(default=None, ge=1, le=MAX_TTL)
 
     @field_validator("model")
@@ -38,7 +40,7 @@ class _Sampling(_Request):
     seed: StrictInt | None = Field(default=None, ge=-1, le=2**32 - 1)  # -1: random, as LM Studio takes it
     presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
-    repeat_penalty: Number | None = Field(default=None, ge=0)
+    repeat_penalty: Number | None = Field(default=None, ge=0, le=10)
     logit_bias: dict[str, Number] | None = None
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
@@ -65,9 +67,13 @@ class _Sampling(_Request):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key in v or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys are token ids; '{key}' is not")
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(v)}")
+        for key, value in (v or {}).items():
+            if not key.lstrip("-").isdigit() or len(key) > 12:
+                raise ValueError(f"logit_bias keys are token ids; '{key[:20]}' is not")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values are from -100 to 100, got {value}")
         return v
 
     @property

@@ -283,6 +283,15 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("temperature a string", {"model": "alpha", "messages": HI, "temperature": "hot"}, 400, "temperature"),
     ("image content", {"model": "alpha", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages.0.content"),
+    ("model name of 100 kB", {"model": "a" * 100_000, "messages": HI}, 400, "model"),
+    ("NaN literal", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', 400, None),
+    ("Infinity literal", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+                         b'"repeat_penalty": Infinity}', 400, None),
+    ("repeat_penalty huge", {"model": "alpha", "messages": HI, "repeat_penalty": 1e300}, 400, "repeat_penalty"),
+    ("logit_bias of 100k entries", {"model": "alpha", "messages": HI,
+                                    "logit_bias": {str(i): 1 for i in range(100_000)}}, 400, "logit_bias"),
+    ("logit_bias value huge", {"model": "alpha", "messages": HI, "logit_bias": {"5": 1e308}}, 400, "logit_bias"),
+    ("JSON nested 100k deep", b"[" * 100_000 + b"]" * 100_000, 400, None),
 ]
 
 

@@ -136,3 +136,10 @@ def test_models_dir_can_live_elsewhere(home: Home, lms: Lms, tiny_file: Path, tm
     assert [(m["key"], m["path"]) for m in json.loads(out.stdout)] == [(TINY_KEY, f"someone/tiny/{TINY_NAME}")]
     assert lms("load", TINY_KEY, env=env, check=True).stdout.strip() == TINY_KEY
     assert not (home.root / "models").exists() or not any((home.root / "models").iterdir())
+
+
+def test_a_bad_environment_number_is_a_warning_not_a_crash(home: Home, lms: Lms) -> None:
+    env = {**home.env, "LMS_MAX_QUEUE": "abc"}
+    lms("daemon", "up", check=True, env=env)
+    assert lms("daemon", "status", check=True).returncode == 0
+    assert "LMS_MAX_QUEUE='abc' is not a whole number" in (home.root / "logs" / "lmsd.log").read_text()
