@@ -107,13 +107,18 @@ class Engine:
         try:
             started = time.perf_counter()
             self.path = msg["path"]
+            n_ctx = int(msg.get("n_ctx") or 0)
+            # An embedding model embeds each input in one batch: a batch smaller than the context (512 by default)
+            # would cut longer inputs short without a word.
+            whole = {"n_batch": n_ctx, "n_ubatch": n_ctx} if msg.get("embedding") and n_ctx else {}
             self.llm = llama_cpp.Llama(
                 model_path=msg["path"],
-                n_ctx=int(msg.get("n_ctx") or 0),
+                n_ctx=n_ctx,
                 n_threads=_physical_cores(),
                 n_threads_batch=os.cpu_count() or 1,
                 embedding=bool(msg.get("embedding")),
                 verbose=False,
+                **whole,
             )
         finally:
             lib.llama_model_default_params = default_params
@@ -212,6 +217,7 @@ class Engine:
                 self.embedder = llama_cpp.Llama(
                     model_path=self.path, n_ctx=self.n_ctx, n_threads=_physical_cores(), embedding=True,
                     pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False,
+                    n_batch=self.n_ctx, n_ubatch=self.n_ctx,  # each input whole, never cut at 512 tokens
                 )
             model = self.embedder
         inputs = msg["input"]

@@ -122,3 +122,16 @@ async def test_a_stream_ended_by_stop_says_so_and_its_end_is_reported(tiny_file:
         while True:
             await stream.__anext__()
     assert stream.ended.done()  # the slot follows the worker: ended once the worker is gone
+
+
+async def test_embeddings_take_the_whole_input_not_the_first_512_tokens(tiny_file: Path, tmp_path: Path) -> None:
+    worker = await WorkerProcess.spawn(tmp_path / "workers.log")
+    try:
+        await worker.load(str(tiny_file), 2048, lambda _f: None)
+        head = "word " * 900
+        result = await worker.embed([head + "alpha beta gamma", head + "omega psi chi"], embedding_model=False)
+        first, second = result["data"]
+        assert first != second  # the ends differ only past token 512: both ends were embedded
+        assert result["prompt_tokens"] > 1800
+    finally:
+        await worker.stop("done")
