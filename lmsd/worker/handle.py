@@ -34,6 +34,25 @@ SPARE_DELAY_MAX = 120.0  # a load that takes longer than this no longer holds ba
 SPARE_DELAY = 5.0  # seconds after a load before the next spare worker starts
 
 
+WORKER_LOG_MAX = 5 * 1024 * 1024  # bytes; like lmsd.log, rotated with 3 old copies
+WORKER_LOG_KEEP = 3
+
+
+def rotate(path: Path, max_bytes: int = WORKER_LOG_MAX, keep: int = WORKER_LOG_KEEP) -> None:
+    """Rotates `path` (to .1, .2 ... .keep) once it has grown past max_bytes. Each worker appends to the log it was
+    started with; rotating before a start keeps the files bounded without touching a log a worker still writes."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+        for n in range(keep - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{n}")
+            if older.exists():
+                os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+        os.replace(path, path.with_name(f"{path.name}.1"))
+    except OSError:
+        pass  # no log, or it cannot be moved: logging is never a reason to fail a load
+
+
 class WorkerProcess:
     """One `python -m lmsd.worker` child. Create with `await WorkerProcess.spawn(...)`."""
 
@@ -56,6 +75,7 @@ class WorkerProcess:
         stderr: Any = asyncio.subprocess.DEVNULL
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
+            rotate(log_file)
             stderr = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             proc = await asyncio.create_subprocess_exec(

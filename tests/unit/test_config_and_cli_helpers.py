@@ -114,3 +114,18 @@ def test_fetch_with_a_wrong_checksum_writes_nothing(tmp_path: Path) -> None:
     assert not target.exists() and list(target.parent.iterdir()) == []
     fetch_write(io.BytesIO(b"GGUF"), target, 4, expect_sha256=None, label="m.gguf")
     assert target.read_bytes() == b"GGUF" and [p.name for p in target.parent.iterdir()] == ["m.gguf"]
+
+
+def test_worker_log_rotates_and_stays_bounded(tmp_path: Path) -> None:
+    from lmsd.worker.handle import rotate
+
+    log = tmp_path / "workers.log"
+    for n in range(6):
+        log.write_bytes(bytes([65 + n]) * 100)
+        rotate(log, max_bytes=50, keep=3)
+    assert not log.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["workers.log.1", "workers.log.2", "workers.log.3"]
+    assert (tmp_path / "workers.log.1").read_bytes()[:1] == b"F"  # the newest
+    log.write_bytes(b"small")
+    rotate(log, max_bytes=50, keep=3)
+    assert log.read_bytes() == b"small"  # under the limit: left alone
