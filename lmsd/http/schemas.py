@@ -155,6 +155,8 @@ class CompletionRequest(_Sampling):
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("send exactly one prompt (a list of several is not supported)")
+        if not (v if isinstance(v, str) else v[0]):
+            raise ValueError("prompt must not be empty")
         return v
 
     def worker_params(self) -> dict[str, Any]:
@@ -176,6 +178,8 @@ class EmbeddingRequest(_Request):
             raise ValueError("input must not be empty")
         if isinstance(v, list) and len(v) > 2048:
             raise ValueError("at most 2048 inputs per request")
+        if any(not text for text in ([v] if isinstance(v, str) else v)):
+            raise ValueError("input must not contain empty strings (there is nothing to embed)")
         return v
 
     @property

@@ -303,6 +303,12 @@ def test_bad_requests_get_clear_errors_and_load_nothing(server: Server) -> None:
             assert r.status_code == status, (name, r.text)
             err = r.json()["error"]
             assert err["message"] and err["type"] and err["param"] == param, (name, err)
+        for path, body, param in (("/v1/completions", {"model": "alpha", "prompt": ""}, "prompt"),
+                                  ("/v1/completions", {"model": "alpha", "prompt": [""]}, "prompt"),
+                                  ("/v1/embeddings", {"model": "alpha", "input": ""}, "input"),
+                                  ("/v1/embeddings", {"model": "alpha", "input": ["a", ""]}, "input")):
+            r = c.post(path, json=body)  # found by a fuzzer: these were 500s
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
         big = c.post("/v1/chat/completions", content=b"x" * (50 * 1024 * 1024))
         assert big.status_code == 413 and "larger than the limit" in big.json()["error"]["message"]
         assert c.get("/v1/models").status_code == 200  # still answering
