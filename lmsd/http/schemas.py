@@ -90,12 +90,47 @@ class _Sampling(_Request):
         return params
 
 
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32
+MAX_REPEAT = 256  # maxItems, maxLength ...: llama.cpp's grammar builder writes one rule per repetition
+_COUNTS = ("maxItems", "minItems", "maxLength", "minLength", "maxProperties", "minProperties", "maxContains",
+           "minContains")
+
+
+def check_schema(schema: Any, depth: int = 0) -> None:
+    """Raises ValueError for a JSON schema that would cost the worker unbounded memory or time to turn into a
+    grammar (huge repetition counts, deep nesting) or that points outside itself (a remote `$ref`)."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"the JSON schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in _COUNTS and isinstance(value, int | float) and not 0 <= value <= MAX_REPEAT:
+                raise ValueError(f"'{key}: {value}' in the JSON schema: at most {MAX_REPEAT} is supported")
+            if key == "$ref" and (not isinstance(value, str) or not value.startswith("#")):
+                raise ValueError("only local references ('#/...') are supported in the JSON schema")
+            check_schema(value, depth + 1)
+    elif isinstance(schema, list):
+        for item in schema:
+            check_schema(item, depth + 1)
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ResponseFormat:
+        import json
+
+        for part in (self.json_schema, self.schema_):
+            if part is not None:
+                if len(json.dumps(part)) > MAX_SCHEMA_BYTES:
+                    raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KB")
+                check_schema(part)
+        return self
 
 
 class ChatMessage(BaseModel):

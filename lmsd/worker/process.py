@@ -190,8 +190,12 @@ class Engine:
             if fmt.get("type") in ("json_schema", "json_object"):
                 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-                params["grammar"] = (LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema
-                                     else LlamaGrammar.from_string(JSON_GBNF, verbose=False))
+                try:
+                    params["grammar"] = (LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema
+                                         else LlamaGrammar.from_string(JSON_GBNF, verbose=False))
+                except Exception as exc:  # noqa: BLE001 - llama-cpp raises AssertionError, KeyError ... for what it cannot compile
+                    raise ValueError(f"the JSON schema cannot be turned into a grammar: {type(exc).__name__}: {exc}") \
+                        from None
         return params
 
     def _stream(self, kind: str, params: dict[str, Any]) -> Generator[tuple[str, str | None], None, None]:

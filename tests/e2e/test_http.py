@@ -454,6 +454,24 @@ def test_json_mode_constrains_the_output(server: Server) -> None:
     assert not free.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
 
 
+def test_json_schemas_that_would_sink_a_worker_are_refused(server: Server) -> None:
+    def schema(s: dict) -> dict:
+        return {"model": "alpha", "messages": HI, "max_tokens": 4,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": s}}}
+
+    with server.client() as c:
+        huge = c.post("/v1/chat/completions", json=schema({"type": "array", "maxItems": 1_000_000_000}))
+        remote = c.post("/v1/chat/completions", json=schema({"$ref": "https://evil.example/schema.json"}))
+        broken = c.post("/v1/chat/completions", json=schema({"$ref": "#/definitions/missing"}))
+        fine = c.post("/v1/chat/completions", json=schema({"type": "object", "properties": {
+            "a": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}}}))
+    assert huge.status_code == 400 and "maxItems" in huge.json()["error"]["message"]
+    assert remote.status_code == 400 and "local references" in remote.json()["error"]["message"]
+    assert broken.status_code == 400, broken.text  # llama-cpp cannot compile it: the client's mistake, not a 500
+    assert broken.json()["error"]["code"] == "invalid_request_error"
+    assert fine.status_code == 200, fine.text
+
+
 def test_worker_crash_mid_request_is_500_and_the_daemon_carries_on(server: Server) -> None:
     import os
     import signal
