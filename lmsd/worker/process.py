@@ -110,7 +110,7 @@ class Engine:
             n_ctx = int(msg.get("n_ctx") or 0)
             # An embedding model embeds each input in one batch: a batch smaller than the context (512 by default)
             # would cut longer inputs short without a word.
-            whole = {"n_batch": n_ctx, "n_ubatch": n_ctx} if msg.get("embedding") and n_ctx else {}
+            batch = n_ctx if msg.get("embedding") and n_ctx else 512  # 512: llama-cpp-python's default
             self.llm = llama_cpp.Llama(
                 model_path=msg["path"],
                 n_ctx=n_ctx,
@@ -118,7 +118,8 @@ class Engine:
                 n_threads_batch=os.cpu_count() or 1,
                 embedding=bool(msg.get("embedding")),
                 verbose=False,
-                **whole,
+                n_batch=batch,
+                n_ubatch=batch,
             )
         finally:
             lib.llama_model_default_params = default_params
