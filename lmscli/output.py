@@ -58,14 +58,10 @@ def format_duration(seconds: float) -> str:
 
 
 def format_bytes(n: int) -> str:
-    if n <= 0:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    """A size for a table cell: "-" when unknown (0), else lmsd.memory's format (powers of 1024)."""
+    from lmsd.memory import format_bytes as size
+
+    return size(n) if n > 0 else "-"
 
 
 def format_params(n: int) -> str:

@@ -26,8 +26,10 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lmsd.catalog import ModelEntry
+if TYPE_CHECKING:
+    from lmsd.catalog import ModelEntry
 
 log = logging.getLogger(__name__)
 

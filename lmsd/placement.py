@@ -53,9 +53,8 @@ def decide(
     """What it takes to load one more instance of `key` (accounted `estimate` bytes). `instances` is the whole
     table, those on their way out included (they still hold their memory)."""
     live = [i for i in instances if not i.draining]
-    victims: list[Instance] = []
-    if origin == "jit" and auto_evict:
-        victims = [i for i in eviction_order(instances)]
+    candidates = eviction_order(instances)
+    victims = list(candidates) if origin == "jit" and auto_evict else []
 
     def over(kept: Sequence[Instance]) -> str:
         if max_loaded and len(kept) + 1 > max_loaded:
@@ -64,7 +63,7 @@ def decide(
             return "memory"
         return ""
 
-    for candidate in eviction_order(instances):
+    for candidate in candidates:
         if not over([i for i in live if i not in victims]):
             break
         if candidate not in victims:

@@ -125,7 +125,6 @@ class Scheduler:
         self._subscribers: set[asyncio.Queue[SchedulerEvent]] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # loads and unloads the scheduler owns
         self._closing = False
-        self._loads_started = 0
 
     # ---------------------------------------------------------------- queries
 
@@ -529,7 +528,6 @@ class Scheduler:
         inst.last_used = self.clock()
         inst.load_deadline = self.clock() + self.settings().load_timeout
         self._instances[identifier] = inst
-        self._loads_started += 1
         self._spawn(self._run_load(inst, ticket.progress))
         self._changed.set()
         return inst
