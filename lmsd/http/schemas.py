@@ -6,6 +6,7 @@ OpenAI-compatible servers do. Every rule here answers 400 with the offending fie
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -16,6 +17,7 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 Number = Annotated[float, Field(strict=False, allow_inf_nan=False)]  # NaN and Infinity are never a setting
 MAX_MODEL_NAME = 512  # characters; keys and relative paths are far shorter, and matching a name costs its length
 MAX_LOGIT_BIAS = 1024  # entries; each is applied to every sampled token
+_TOKEN_ID = re.compile(r"-?[0-9]{1,11}")
 
 
 class _Request(BaseModel):
@@ -36,15 +38,17 @@ class _Sampling(_Request):
     top_p: Number | None = Field(default=None, ge=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=0)
     min_p: Number | None = Field(default=None, ge=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra={"maxItems": 16})
     seed: StrictInt | None = Field(default=None, ge=-1, le=2**32 - 1)  # -1: random, as LM Studio takes it
     presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
     repeat_penalty: Number | None = Field(default=None, ge=0, le=10)
-    logit_bias: dict[str, Number] | None = None
+    logit_bias: dict[str, Number] | None = Field(default=None, json_schema_extra={
+        "maxProperties": MAX_LOGIT_BIAS, "propertyNames": {"pattern": f"^{_TOKEN_ID.pattern}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    n: StrictInt = 1
+    n: StrictInt = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1})
     ignore_eos: StrictBool = False
 
     @field_validator("n")
@@ -70,7 +74,7 @@ class _Sampling(_Request):
         if v is not None and len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(v)}")
         for key, value in (v or {}).items():
-            if not key.lstrip("-").isdigit() or len(key) > 12:
+            if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"logit_bias keys are token ids; '{key[:20]}' is not")
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values are from -100 to 100, got {value}")
@@ -136,8 +140,10 @@ class ResponseFormat(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})
+    content: str | list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}})
     name: str | None = None
 
     @field_validator("content")
@@ -182,7 +188,8 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"minLength": 1, "minItems": 1, "maxItems": 1,
+                                                       "items": {"type": "string", "minLength": 1}})
     response_format: ResponseFormat | None = None
 
     @field_validator("prompt")
@@ -203,7 +210,8 @@ class CompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Request):
-    input: str | list[str]
+    input: str | list[str] = Field(json_schema_extra={"minLength": 1, "minItems": 1, "maxItems": 2048,
+                                                      "items": {"type": "string", "minLength": 1}})
     encoding_format: Literal["float", "base64"] | None = None
 
     @field_validator("input")

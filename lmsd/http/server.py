@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmsd.catalog import Catalog, ModelEntry
 from lmsd.config import Settings
 from lmsd.errors import FailedPrecondition, LmsError
-from lmsd.http import lmstudio, openai
+from lmsd.http import lmstudio, openai, openapi
 from lmsd.http.errors import HttpError, error_body, error_response, from_lms_error
 from lmsd.http.inference import ClientGone, Inference
 from lmsd.instance import Instance
@@ -141,7 +141,7 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dic
 
 def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Settings],
                api_key: Callable[[], str | None], *, cors: bool, bind: str = "127.0.0.1") -> ASGIApp:
-    app = FastAPI(title="lmsd", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lmsd", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     inference = Inference(scheduler)
 
     async def v1_models() -> list[dict[str, Any]]:
@@ -165,6 +165,7 @@ def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Se
 
     app.include_router(openai.router(inference, v1_models))
     app.include_router(lmstudio.router(inference, v0_models, memory))
+    openapi.install(app)
 
     @app.exception_handler(HttpError)
     async def _http_error(_r: Request, exc: HttpError) -> Response:
@@ -181,7 +182,7 @@ def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Se
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(_r: Request, exc: StarletteHTTPException) -> Response:
         msg = "no such endpoint; see /v1/models" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
+        return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_r: Request, exc: RequestValidationError) -> Response:

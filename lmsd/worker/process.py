@@ -19,6 +19,7 @@ continuous batching (several sequences at once) replaces the engine, not the pro
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import os
@@ -27,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 
@@ -139,14 +140,15 @@ class Engine:
             self.chan.send(ev="done", id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0,
                            time_to_first_token=0.0, generation_time=0.0)
             return
-        counts = _TokenCounter(params.pop("_bias", {}))
+        counts = _TokenCounter(params.pop("_bias", {}), lambda: rid in self.cancelled, self.llm.detokenize)
         import llama_cpp
 
         # A pass-through logits processor sees every sampled token: exact usage for streams too.
         params["logits_processor"] = llama_cpp.LogitsProcessorList([counts])
+        params["stopping_criteria"] = llama_cpp.StoppingCriteriaList([counts.stop])
         started = time.perf_counter()
         first_token_at: float | None = None
-        finish_reason = "stop"
+        finish_reason, stopped = "stop", False
         chunks = self._stream(msg.get("kind", "completion"), params)
         try:
             for text, reason in chunks:
@@ -159,10 +161,15 @@ class Engine:
                     self.chan.send(ev="token", id=rid, text=text)
                 if reason:
                     finish_reason = reason
+        except _Stop as stop:  # raised by the logits processor, from inside llama-cpp-python's loop
+            finish_reason, stopped = stop.finish_reason, True
+            if stop.why:
+                print(f"request {rid}: {stop.why}", file=sys.stderr)
         finally:
             chunks.close()  # stops llama.cpp before its next token when we broke out early
         ended = time.perf_counter()
-        completion_tokens = max(0, counts.sampled - (1 if finish_reason == "stop" and counts.sampled else 0))
+        eos_counted = finish_reason == "stop" and not stopped and counts.sampled  # the end token is no output
+        completion_tokens = max(0, counts.sampled - (1 if eos_counted else 0))
         self.chan.send(
             ev="done",
             id=rid,
@@ -201,9 +208,25 @@ class Engine:
 
     def _stream(self, kind: str, params: dict[str, Any]) -> Generator[tuple[str, str | None], None, None]:
         if kind == "chat":
-            for chunk in self.llm.create_chat_completion(stream=True, **params):
-                choice = chunk["choices"][0]
-                yield choice.get("delta", {}).get("content") or "", choice.get("finish_reason")
+            # create_chat_completion takes no stopping criteria, but its chat handler calls our Llama's
+            # create_completion with its own: add ours to them for this request.
+            import llama_cpp
+
+            ours = params.pop("stopping_criteria")
+            llm = self.llm
+
+            def create_completion(*args: Any, **kwargs: Any) -> Any:
+                kwargs["stopping_criteria"] = llama_cpp.StoppingCriteriaList(
+                    [*(kwargs.get("stopping_criteria") or []), *ours])
+                return type(llm).create_completion(llm, *args, **kwargs)
+
+            llm.create_completion = create_completion
+            try:
+                for chunk in llm.create_chat_completion(stream=True, **params):
+                    choice = chunk["choices"][0]
+                    yield choice.get("delta", {}).get("content") or "", choice.get("finish_reason")
+            finally:
+                del llm.create_completion
         else:
             for chunk in self.llm.create_completion(stream=True, **params):
                 choice = chunk["choices"][0]
@@ -258,13 +281,54 @@ def _classify(exc: Exception) -> tuple[str, str]:
     return "internal_error", f"{type(exc).__name__}: {text}"
 
 
-class _TokenCounter:
-    """A logits processor that counts (prompt length, tokens sampled) and applies the request's logit bias."""
+class _Stop(Exception):
+    """Ends a generation from inside llama-cpp-python's sampling loop."""
 
-    def __init__(self, bias: dict[int, float]) -> None:
+    def __init__(self, finish_reason: str, why: str = "") -> None:
+        super().__init__(why or finish_reason)
+        self.finish_reason = finish_reason
+        self.why = why
+
+
+class _TokenCounter:
+    """Called for each token: counts (prompt length, tokens sampled) and applies the request's logit bias, as a
+    logits processor (before sampling); ends the generation when it is cancelled or its text can no longer
+    stream, as a stopping criterion (after sampling).
+
+    The checks live in the stopping criterion (plain Python, where an exception reaches us; a logits processor
+    runs inside a ctypes callback, which swallows it) because llama-cpp-python's streaming loop does not yield
+    while it holds back text it cannot decode: once the model emits bytes that are not UTF-8, nothing more is
+    streamed and every further token costs time proportional to the whole text (found by schemathesis: a
+    cancelled request on a random model kept its worker at 100 % CPU for over 15 minutes). A cancel is seen at
+    the next token, and text that has turned into invalid UTF-8 ends the generation there (finish_reason "stop",
+    the reason in workers.log).
+    """
+
+    def __init__(self, bias: dict[int, float], cancelled: Callable[[], bool] = lambda: False,
+                 detokenize: Callable[[list[int]], bytes] | None = None) -> None:
         self.prompt_tokens = 0
         self.sampled = 0
         self.bias = bias
+        self.cancelled = cancelled
+        self.detokenize = detokenize
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.decoded = -1  # how many of the ids the stopping criterion saw were decoded (-1: none seen yet)
+
+    def stop(self, input_ids: Any, _scores: Any) -> bool:
+        """The stopping criterion: raises _Stop, or returns False."""
+        if self.cancelled():
+            raise _Stop("cancelled")
+        if self.decoded < 0:
+            self.decoded = len(input_ids)  # the prompt (and whatever the model had evaluated before it)
+        elif self.detokenize is not None:
+            fresh = [int(t) for t in input_ids[self.decoded:]]
+            self.decoded = len(input_ids)
+            try:
+                self.utf8.decode(self.detokenize(fresh) if fresh else b"")
+            except UnicodeDecodeError:
+                raise _Stop("stop", f"ended after {self.sampled} tokens: the model produced bytes that are not "
+                                    "UTF-8, so no more text could be streamed") from None
+        return False
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self.sampled == 0:

@@ -135,3 +135,36 @@ async def test_embeddings_take_the_whole_input_not_the_first_512_tokens(tiny_fil
         assert result["prompt_tokens"] > 1800
     finally:
         await worker.stop("done")
+
+
+def _lone_continuation_byte_token(model: Path) -> int:
+    """The id of the token that is the single byte 0x80 in a GPT-2 style byte-level vocabulary (SmolLM2's): on its
+    own, never valid UTF-8."""
+    from lmsd.gguf_header import read_header
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in printable]
+    as_char = chr(256 + extra.index(0x80))
+    tokens = read_header(model, keep_arrays=frozenset({"tokenizer.ggml.tokens"})).fields["tokenizer.ggml.tokens"]
+    return tokens.index(as_char)
+
+
+async def test_text_that_turns_into_invalid_utf8_ends_the_generation_instead_of_stalling_the_worker(
+        tiny_file: Path) -> None:
+    """llama-cpp-python holds back undecodable bytes and then spends time proportional to the whole text on every
+    further token, streaming nothing: with a client that forces such bytes (logit_bias) the worker spun for many
+    minutes. The generation now ends at the first byte that can never become text, and the next request runs."""
+    token = _lone_continuation_byte_token(tiny_file)
+    worker = await WorkerProcess.spawn()
+    try:
+        await worker.load(str(tiny_file), 2048, lambda f: None)
+        for kind, params in (("completion", {"prompt": "Hello"}), ("chat", {"messages": [{"role": "user",
+                                                                                          "content": "hi"}]})):
+            text, done = await asyncio.wait_for(
+                collect(worker, kind, {**params, "max_tokens": 1500, "logit_bias": {str(token): 100}}), 120)
+            assert done["finish_reason"] == "stop" and done["completion_tokens"] <= 2, done
+            assert "\ufffd" not in text
+        text, done = await asyncio.wait_for(collect(worker, "completion", {"prompt": "Hello", "max_tokens": 4}), 30)
+        assert done["completion_tokens"] >= 1
+    finally:
+        await worker.stop("test over")

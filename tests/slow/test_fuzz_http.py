@@ -1,0 +1,66 @@
+"""schemathesis against the endpoint's own OpenAPI schema: every operation, positive and negative data.
+
+The run uses the real daemon and real llama.cpp inference on two tiny models (JIT loads and auto-evict swaps
+happen under the fuzzer). The only change to the served schema: `model` is narrowed to the models that
+exist, so positive cases reach inference instead of stopping at 404 (negative cases still send any name).
+
+Checks: no 5xx; no hang (each request within the time limit); every status and content type declared;
+every error in OpenAI's `{"error": {...}}` shape (the schema declares it); negative data is refused.
+The example count per operation is LMS_FUZZ_EXAMPLES (CI 25; `make stress` 300).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+SECRET = "fuzz-key-0123456789"
+EXAMPLES = int(os.environ.get("LMS_FUZZ_EXAMPLES", "25"))
+MODELS = ["alpha", "beta"]
+
+
+def narrow_models(schema: dict[str, Any]) -> dict[str, Any]:
+    for name in ("ChatRequest", "CompletionRequest", "EmbeddingRequest"):
+        schema["components"]["schemas"][name]["properties"]["model"] = {"type": "string", "enum": MODELS}
+    return schema
+
+
+def test_schemathesis_finds_no_server_error_no_hang_and_only_openai_shaped_errors(server: Server,
+                                                                                   tmp_path: Path) -> None:
+    proc = subprocess.run([server.lms.exe, "server", "settings", "--api-key-set"], input=SECRET + "\n",
+                          env=server.home.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    assert httpx.get(server.url + "/openapi.json").status_code == 401  # the description is behind the key too
+    schema = httpx.get(server.url + "/openapi.json", headers=auth).json()
+    posted = {path for path, ops in schema["paths"].items() if "post" in ops}
+    assert all("requestBody" in schema["paths"][p]["post"] for p in posted) and len(posted) == 6
+    spec = tmp_path / "openapi.json"
+    spec.write_text(json.dumps(narrow_models(schema)))
+    report = tmp_path / "report.json"
+    st = Path(sys.executable).parent / "st"
+    run = subprocess.run(
+        [str(st), "run", str(spec), "--url", server.url, "-H", f"Authorization: Bearer {SECRET}",
+         "--mode", "all", "--max-examples", str(EXAMPLES), "--workers", "1", "--seed", "1",
+         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+                     "response_schema_conformance,negative_data_rejection",
+         "--request-timeout", "60", "--max-response-time", "60", "--suppress-health-check", "all",
+         "--phases", "examples,coverage,fuzzing", "--no-color", "--generation-database", "none", "--report", "junit",
+         "--report-junit-path", str(report)],
+        capture_output=True, text=True, timeout=1500, env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )
+    tail = run.stdout[-12000:]
+    print(tail)
+    assert run.returncode == 0, f"schemathesis found problems:\n{tail}\n{run.stderr[-3000:]}"
+    assert "passed" in tail
