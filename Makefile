@@ -45,9 +45,11 @@ test: install
 unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-# The slow sizes: the scheduler's state machine with many more examples, and the contention benchmark.
+# The slow sizes: the scheduler's state machine with many more examples, the slow tier (load, soak, faults,
+# fuzz) at full size writing its figures into docs/reliability.md, and the contention benchmark.
 stress: install
 	HYPOTHESIS_PROFILE=stress $(PY) -m pytest tests/unit/test_scheduler_machine.py $(PYTEST_ARGS)
+	$(PY) bench/reliability.py
 	$(PY) bench/bench_contention.py
 
 lint: install

@@ -68,8 +68,23 @@ class Daemon:
         """Starts (or restarts) the HTTP endpoint and remembers it, so the next daemon start brings it back.
         Raises ValueError for a bad port or address before anything is started."""
         dataclasses.replace(self.settings_store.settings, port=port, bind=bind, cors=cors).validate()
-        await self.http.start(port, bind, cors)
-        self.settings_store.update(port=port, bind=bind, cors=cors, http_enabled=True)
+        await self.move_http({"port": port, "bind": bind, "cors": cors, "http_enabled": True})
+
+    async def move_http(self, changes: dict[str, object]) -> None:
+        """Starts or moves the endpoint to the settings `changes` make, then saves them. The new socket is bound
+        first (the old endpoint serves until then); if the settings cannot be saved (a full disk), the endpoint
+        goes back to what the saved settings say, and this raises."""
+        target = dataclasses.replace(self.settings_store.settings, **changes)  # type: ignore[arg-type]
+        was = (self.http.port, self.http.bind, self.http.cors) if self.http.running else None
+        await self.http.start(target.port, target.bind, target.cors)
+        try:
+            self.settings_store.update(**changes)
+        except OSError:
+            if was is None:
+                await self.http.stop()
+            else:
+                await self.http.start(*was)
+            raise
 
     async def stop_http(self) -> None:
         await self.http.stop()

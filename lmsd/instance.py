@@ -70,9 +70,9 @@ class Worker(Protocol):
         load was stopped by `stop()`."""
         ...
 
-    async def stop(self, reason: str) -> None:
-        """Ends the process and returns once it has been reaped. Requests still running on it fail with
-        WorkerGone(reason)."""
+    async def stop(self, reason: str, *, kill: bool = False) -> None:
+        """Ends the process and returns once it has been reaped: asked to exit (then killed if it does not), or
+        killed at once with `kill` (it is stuck). Requests still running on it fail with WorkerGone(reason)."""
         ...
 
     def memory_bytes(self) -> int:

@@ -641,13 +641,14 @@ class Scheduler:
             self._cut(inst)
         return inst.unload_task
 
-    def _abort_load(self, inst: Instance, err: LmsError) -> None:
+    def _abort_load(self, inst: Instance, err: LmsError, *, kill: bool = False) -> None:
         if inst.abort is not None:
             return
         inst.abort = err
         inst.load_deadline = None  # acted on: the timer must not come back for it while the worker exits
         if inst.worker is not None:
-            self._spawn(inst.worker.stop(err.message))  # the load returns at once; _run_load reports it
+            # the load returns at once; _run_load reports it
+            self._spawn(inst.worker.stop(err.message, kill=kill))
 
     async def _run_unload(self, inst: Instance) -> None:
         try:
@@ -752,7 +753,7 @@ class Scheduler:
                 timeout = self.settings().load_timeout
                 self._abort_load(inst, LoadKilled(
                     f"the load of '{inst.identifier}' made no progress for {timeout} s (load_timeout); its worker "
-                    "was killed"))
+                    "was killed"), kill=True)
             if inst.loaded:  # riders of a load in progress wait for it: load_timeout bounds a stuck load
                 self._expire_waiters(inst.waiters, now, inst)
         for ticket in list(self._tickets):

@@ -167,10 +167,10 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             candidate = dataclasses.replace(self.daemon.settings_store.settings, **changes)
             candidate.validate()
             if self.daemon.http.running and {"port", "bind", "cors"} & set(changes):
-                # Move the endpoint first: if the new address cannot be bound, the old one keeps serving and
-                # nothing is saved.
-                await self.daemon.http.start(candidate.port, candidate.bind, candidate.cors)
-            self.daemon.settings_store.update(**changes)
+                # If the new address cannot be bound, or the settings not saved, the old endpoint keeps serving.
+                await self.daemon.move_http(changes)
+            else:
+                self.daemon.settings_store.update(**changes)
             if key is not None:
                 self.daemon.api_key.set(key or None)
                 log.info("API key %s", "set" if key else "cleared")  # the key itself is never logged

@@ -80,7 +80,8 @@ def build(app: FastAPI) -> dict[str, Any]:
                     "application/json": {"schema": refs[(model, "validation")]}}}
             content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
             if path in STREAMING:
-                content["text/event-stream"] = {"schema": {"type": "string"}}
+                content["text/event-stream"] = {"schema": {  # each server-sent event
+                    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}
             op["responses"] = {"200": {"description": "OK", "content": content}}
             for status, why in _ERRORS.items():
                 response: dict[str, Any] = {"description": why, "content": {"application/json": {"schema": error_ref}}}

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 MAX_TTL = 365 * 86400  # seconds; a larger ttl is a mistake, not a plan
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
-Number = Annotated[float, Field(strict=False, allow_inf_nan=False)]  # NaN and Infinity are never a setting
+# NaN and Infinity are never a setting, and neither is `true` or "0.5" (as OpenAI: a number is a JSON number)
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MAX_MODEL_NAME = 512  # characters; keys and relative paths are far shorter, and matching a name costs its length
 MAX_LOGIT_BIAS = 1024  # entries; each is applied to every sampled token
 _TOKEN_ID = re.compile(r"-?[0-9]{1,11}")

@@ -219,7 +219,9 @@ class WorkerProcess:
         req.send(op="embed", id=req.rid, input=inputs, embedding_model=embedding_model)
         return result
 
-    async def stop(self, reason: str) -> None:
+    async def stop(self, reason: str, *, kill: bool = False) -> None:
+        """Asks the worker to exit and SIGKILLs it if it is still there after _STOP_TIMEOUT; with `kill`, at
+        once (a stuck load: a frozen process cannot read the request)."""
         if self._stop_reason is None:
             self._stop_reason = reason
         if not self.exited.is_set():
@@ -228,7 +230,7 @@ class WorkerProcess:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
             try:
-                await asyncio.wait_for(self.exited.wait(), _STOP_TIMEOUT)
+                await asyncio.wait_for(self.exited.wait(), 0 if kill else _STOP_TIMEOUT)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()

@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
-
-from tests.conftest import TINY_KEY, TINY_NAME, Home, Lms, pid_alive
+from tests.conftest import TINY_KEY, TINY_NAME, Home, Lms
 
 
 def test_settings_change_at_once_and_survive_restart(home: Home, lms: Lms) -> None:
@@ -59,29 +57,6 @@ def test_corrupt_settings_file_is_kept_and_defaults_are_used(home: Home, lms: Lm
     assert "settings.json.bad" in out.stderr
     assert (home.root / "settings.json.bad").read_text() == bad
     assert json.loads((home.root / "settings.json").read_text())["jit"] is False
-
-
-def test_daemon_memory_stays_flat_over_load_unload_cycles(home: Home, lms: Lms, tiny_file: Path) -> None:
-    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
-    lms("daemon", "up", check=True)
-    daemon = psutil.Process(lms.daemon_pid())
-
-    def cycle() -> int:
-        lms("load", TINY_KEY, check=True)
-        [inst] = lms.json("ps")
-        lms("unload", TINY_KEY, check=True)
-        assert not pid_alive(inst["pid"])
-        return int(inst["pid"])
-
-    for _ in range(3):  # warm-up: first imports, gRPC buffers, the catalog cache
-        cycle()
-    start = daemon.memory_info().rss
-    pids = {cycle() for _ in range(15)}
-    growth = daemon.memory_info().rss - start
-    assert len(pids) == 15  # every load got its own process
-    assert growth < 8 * 1024 * 1024, f"daemon RSS grew by {growth / 1e6:.1f} MB over 15 cycles"
-    children = [c for c in daemon.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
-    assert len(children) <= 1  # at most the warm spare worker
 
 
 def test_import_copies_links_and_refuses_non_gguf(home: Home, lms: Lms, tiny_file: Path, tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ class FakeWorker:
         self.pid = FakeWorker._next_pid
         self.factory = factory
         self.stopped: str | None = None
+        self.killed = False  # stopped with kill=True: not asked, killed
         self.reaped = False
         self.crashed: str | None = None
         self.loaded_path: str | None = None
@@ -89,7 +90,8 @@ class FakeWorker:
         progress(1.0)
         return context_length or 2048
 
-    async def stop(self, reason: str) -> None:
+    async def stop(self, reason: str, *, kill: bool = False) -> None:
+        self.killed = self.killed or kill
         if self.stopped is None and self.crashed is None:
             self.stopped = reason
         self._end_requests(reason, stopped=True)

@@ -296,6 +296,8 @@ async def test_load_without_progress_is_killed_and_shown_until_the_next_request(
     view = env.scheduler.list_loaded()
     assert [(v.identifier, v.status) for v in view] == [("alpha", "failed")] and "no progress" in view[0].message
     assert not env.workers.running
+    [stuck] = [w for w in env.workers.workers if w.stopped and "no progress" in w.stopped]
+    assert stuck.killed  # a stuck worker is not asked to exit (it could not read it): killed
     del env.workers.gates["/models/alpha.gguf"]
     lease = await env.scheduler.acquire("alpha")
     assert [v.status for v in env.scheduler.list_loaded()] == ["busy"]
