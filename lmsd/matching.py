@@ -27,10 +27,17 @@ def rank_matches(query: str, keys: list[str]) -> list[str]:
     if ranked:
         return ranked
     # Typos: compare with each key's start (and its last path part) as much as with the whole key.
+    # The cheap upper bounds come first: a long query (up to 512 characters reach here) is rarely near any key,
+    # and ratio() is quadratic where the bounds are linear.
     scored = []
+    matcher = difflib.SequenceMatcher(None)
+    matcher.set_seq2(q)  # indexed once, compared with every candidate
     for low, key in lowered.items():
-        candidates = (low, low[: len(q)], tail(low)[: len(q)])
-        score = max(difflib.SequenceMatcher(None, q, c).ratio() for c in candidates)
+        score = 0.0
+        for candidate in (low, low[: len(q)], tail(low)[: len(q)]):
+            matcher.set_seq1(candidate)
+            if matcher.real_quick_ratio() >= 0.75 and matcher.quick_ratio() >= 0.75:
+                score = max(score, matcher.ratio())
         if score >= 0.75:
             scored.append((-score, len(key), key))
     return [key for _s, _n, key in sorted(scored)[:5]]

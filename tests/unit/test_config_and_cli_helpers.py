@@ -100,6 +100,8 @@ def test_rank_matches() -> None:
     assert rank_matches("instruct", keys)[0] == "qwen2.5-7b-instruct"
     assert rank_matches("smolm2", keys) == ["smollm2-135m-instruct"]  # a typo still finds it
     assert rank_matches("zzz", keys) == []
+    assert rank_matches("pub/repo/lama-3", keys) == ["pub/repo/llama-3"]  # a typo in a long key
+    assert rank_matches("qwen2.5-7b-instruct" * 26, keys) == []  # 494 characters: near nothing, refused quickly
 
 
 def test_fetch_with_a_wrong_checksum_writes_nothing(tmp_path: Path) -> None:
