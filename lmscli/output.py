@@ -22,10 +22,21 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp", "Co", "Cn", "Cs"})  # bidi overrides, zero-width, separators, unassigned
+
+
 def clean(value: object) -> str:
     """Text that came from a file or a client, safe for a terminal: control characters (escape sequences, carriage
-    returns, bells) are shown escaped (`\\x1b`), never sent. Pair it with markup off, or use `cell`."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    returns, bells) are shown escaped (`\\x1b`), never sent, and so are characters that change how the rest
+    reads without showing themselves (bidi overrides such as U+202E, zero-width spaces: `\\u202e`). Pair it
+    with markup off, or use `cell`."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    if text.isascii():
+        return text
+    import unicodedata
+
+    return "".join(f"\\u{ord(c):04x}" if ord(c) > 0x7F and unicodedata.category(c) in _INVISIBLE else c
+                   for c in text)
 
 
 def cell(value: object) -> Text:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -11,6 +12,9 @@ from starlette.requests import Request
 from lmsd.http.errors import HttpError
 
 M = TypeVar("M", bound=BaseModel)
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _no_constant(name: str) -> float:
@@ -27,6 +31,12 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise HttpError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise HttpError(400, "the request body must be a JSON object", code="invalid_request_error")
+    if _SURROGATE.search(raw):  # an escaped surrogate: text only if it is half of a pair
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HttpError(400, "the request body contains a lone UTF-16 surrogate escape (such as \\ud800), "
+                                 "which is not text", code="invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -102,9 +102,59 @@ _COUNTS = ("maxItems", "minItems", "maxLength", "minLength", "maxProperties", "m
            "minContains")
 
 
+MAX_PATTERN = 1000  # characters of a `pattern` regex
+MAX_PATTERN_COST = 1024  # grammar copies a pattern may expand to (see pattern_cost)
+_BRACE = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def pattern_cost(pattern: str) -> int:
+    """How many copies of its atoms a regex becomes as grammar rules: `x{m,n}` is n copies of x, a sequence is
+    the sum of its parts, a group counts as its contents, so counts inside counts multiply. An upper bound
+    (alternatives add up as a sequence would)."""
+    costs = [0]  # one running sum per open group
+    last = 0  # the cost of the element a following quantifier applies to
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            last, i = 1, i + 2
+        elif c == "[":  # a character class is one atom
+            j = i + 1 + (pattern[i + 1:i + 2] == "^")
+            j += pattern[j:j + 1] == "]"
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            last, i = 1, j + 1
+        elif c == "(":
+            costs.append(0)
+            i += 1
+            continue
+        elif c == ")" and len(costs) > 1:
+            last, i = max(costs.pop(), 1), i + 1
+        elif c == "{" and (m := _BRACE.match(pattern, i)) and (m.group(1) or m.group(2)):
+            times = max(int(m.group(1) or 0), int(m.group(2) or 0), 1)
+            costs[-1] += last * (times - 1)
+            last, i = last * times, m.end()
+            continue
+        else:
+            last, i = 1, i + 1
+        costs[-1] += last
+    return sum(costs)
+
+
+def check_pattern(pattern: str) -> None:
+    """A regex `pattern` becomes grammar rules with one copy per repetition: `^a{0,5000}$` overflowed
+    llama.cpp's grammar parser (SIGSEGV) and `(a{0,256}){0,256}` froze a worker inside one sampling step."""
+    if len(pattern) > MAX_PATTERN:
+        raise ValueError(f"a 'pattern' in the JSON schema is longer than {MAX_PATTERN} characters")
+    if pattern_cost(pattern) > MAX_PATTERN_COST:
+        raise ValueError(f"'pattern: {pattern[:60]}' in the JSON schema repeats too much: its {{m,n}} counts may "
+                         f"expand to at most {MAX_PATTERN_COST} copies (counts inside counts multiply)")
+
+
 def check_schema(schema: Any, depth: int = 0) -> None:
     """Raises ValueError for a JSON schema that would cost the worker unbounded memory or time to turn into a
-    grammar (huge repetition counts, deep nesting) or that points outside itself (a remote `$ref`)."""
+    grammar (huge repetition counts in keywords or regex patterns, deep nesting) or that points outside itself
+    (a remote `$ref`)."""
     if depth > MAX_SCHEMA_DEPTH:
         raise ValueError(f"the JSON schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(schema, dict):
@@ -113,6 +163,8 @@ def check_schema(schema: Any, depth: int = 0) -> None:
                 raise ValueError(f"'{key}: {value}' in the JSON schema: at most {MAX_REPEAT} is supported")
             if key == "$ref" and (not isinstance(value, str) or not value.startswith("#")):
                 raise ValueError("only local references ('#/...') are supported in the JSON schema")
+            if key == "pattern" and isinstance(value, str):
+                check_pattern(value)
             check_schema(value, depth + 1)
     elif isinstance(schema, list):
         for item in schema:

@@ -93,7 +93,7 @@ class _Guard:
     def _foreign(self, headers: dict[str, str]) -> str:
         """Why a request from a web page must be refused, or "". Clients that send no Origin (curl, SDKs) pass."""
         host = headers.get("host", "")
-        if self.loopback and host and _hostname(host) not in _LOOPBACK_HOSTS:
+        if self.loopback and host and not _is_local_host(_hostname(host)):
             return (f"Host '{host[:100]}' is not this machine: while bound to loopback the endpoint answers only "
                     "localhost, 127.0.0.1 and [::1] (a web page using DNS rebinding?)")
         origin = headers.get("origin")
@@ -109,6 +109,18 @@ def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_local_host(name: str) -> bool:
+    """`localhost`, or an IP literal of a loopback address (127.0.0.0/8, ::1 in any spelling): a DNS-rebinding
+    page can only send a name it controls, never an IP literal, so every literal of this machine's loopback is
+    safe to answer (a daemon bound to 127.0.0.2 is reached as 127.0.0.2)."""
+    if name in _LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _too_large(limit: int) -> str:

@@ -74,10 +74,15 @@ class Engine:
                 detail = f"{type(exc).__name__}: {exc}"
                 if op == "load":
                     self.chan.send(ev="load_error", message=detail)
+                    print(traceback.format_exc()[-_LOG_MAX:], file=sys.stderr)
                 else:
                     code, message = _classify(exc)
                     self.chan.send(ev="error", id=msg.get("id", ""), code=code, message=message)
-                print(traceback.format_exc(), file=sys.stderr)
+                    # A client's mistake is one short line (clients must not be able to fill the disk through
+                    # workers.log, which rotates only when a worker starts); a fault of ours keeps its traceback.
+                    short = code != "internal_error"
+                    print(f"request {msg.get('id', '')}: {code}: {message[:300]}" if short
+                          else traceback.format_exc()[-_LOG_MAX:], file=sys.stderr)
             finally:
                 self.cancelled.discard(msg.get("id", ""))
 
@@ -108,7 +113,9 @@ class Engine:
         try:
             started = time.perf_counter()
             self.path = msg["path"]
-            n_ctx = int(msg.get("n_ctx") or 0)
+            # llama.cpp rounds the context up to a multiple of 256 while llama-cpp-python sizes its own buffers
+            # by what it was asked: a prompt between the two overflowed them (a 500). Ask for what will be used.
+            n_ctx = -(-int(msg.get("n_ctx") or 0) // _CTX_STEP) * _CTX_STEP
             # An embedding model embeds each input in one batch: a batch smaller than the context (512 by default)
             # would cut longer inputs short without a word.
             batch = n_ctx if msg.get("embedding") and n_ctx else 512  # 512: llama-cpp-python's default
@@ -279,6 +286,10 @@ def _classify(exc: Exception) -> tuple[str, str]:
         # Bad values, or messages the model's chat template refuses (jinja2 raises from the template itself).
         return "invalid_request_error", f"{type(exc).__name__}: {text}"
     return "internal_error", f"{type(exc).__name__}: {text}"
+
+
+_LOG_MAX = 8192  # characters of one traceback in workers.log
+_CTX_STEP = 256  # llama.cpp's context granularity
 
 
 class _Stop(Exception):

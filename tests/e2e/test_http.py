@@ -292,6 +292,15 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
                                     "logit_bias": {str(i): 1 for i in range(100_000)}}, 400, "logit_bias"),
     ("logit_bias value huge", {"model": "alpha", "messages": HI, "logit_bias": {"5": 1e308}}, 400, "logit_bias"),
     ("JSON nested 100k deep", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    ("logit_bias value a boolean", {"model": "alpha", "messages": HI, "logit_bias": {"0": False}}, 400,
+     "logit_bias.0"),
+    ("lone surrogate", b'{"model": "alpha", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    ("pattern that expands to 5,000 rules", {"model": "alpha", "messages": HI, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "^a{0,5000}$"}}}}, 400,
+     "response_format"),
+    ("nested pattern counts", {"model": "alpha", "messages": HI, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "^(a{0,256}){0,256}$"}}}},
+     400, "response_format"),
 ]
 
 

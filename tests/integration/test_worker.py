@@ -168,3 +168,20 @@ async def test_text_that_turns_into_invalid_utf8_ends_the_generation_instead_of_
         assert done["completion_tokens"] >= 1
     finally:
         await worker.stop("test over")
+
+
+async def test_a_context_llama_cpp_rounds_up_is_the_one_in_force_and_a_full_context_ends_with_length(
+        tmp_path: Path, smollm2_file: Path) -> None:
+    """llama.cpp rounds a context of 200 tokens up to 256 while llama-cpp-python sized its buffers for 200: a
+    prompt of 220 tokens then failed with a 500 (found by schemathesis). The context in force is reported, and a
+    generation that fills it ends with finish_reason "length"."""
+    from tests.support.tinymodel import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "small.F16.gguf", smollm2_file, context_length=200)
+    worker = await WorkerProcess.spawn()
+    try:
+        assert await worker.load(str(model), 200, lambda f: None) == 256
+        text, done = await collect(worker, "completion", {"prompt": "hi " * 219})
+        assert done["finish_reason"] == "length" and done["prompt_tokens"] + done["completion_tokens"] <= 256
+    finally:
+        await worker.stop("test over")

@@ -131,3 +131,13 @@ def test_worker_log_rotates_and_stays_bounded(tmp_path: Path) -> None:
     log.write_bytes(b"small")
     rotate(log, max_bytes=50, keep=3)
     assert log.read_bytes() == b"small"  # under the limit: left alone
+
+
+def test_text_from_files_and_clients_cannot_hide_or_reorder_itself_in_a_terminal() -> None:
+    from lmscli.output import clean
+
+    # U+202E (right-to-left override) would show `safe...exe.fdp` for a key that reads otherwise; zero-width
+    # characters make two different keys look the same.
+    assert clean("safe\u202egguf.exe\u2066\u200b-x") == "safe\\u202egguf.exe\\u2066\\u200b-x"
+    assert clean("\x1b]8;;http://evil\x07link\r") == "\\x1b]8;;http://evil\\x07link\\x0d"
+    assert clean("café 日本語 🙂 [red]x[/red]") == "café 日本語 🙂 [red]x[/red]"  # ordinary text stays as it is
