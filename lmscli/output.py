@@ -22,7 +22,8 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-_INVISIBLE = frozenset({"Cf", "Zl", "Zp", "Co", "Cn", "Cs"})  # bidi overrides, zero-width, separators, unassigned
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp", "Co", "Cs"})  # bidi overrides, zero-width, line separators, private
+_JOINERS = frozenset("\u200c\u200d")  # ZWNJ and ZWJ are part of ordinary text (Persian words, emoji families)
 
 
 def clean(value: object) -> str:
@@ -35,8 +36,12 @@ def clean(value: object) -> str:
         return text
     import unicodedata
 
-    return "".join(f"\\u{ord(c):04x}" if ord(c) > 0x7F and unicodedata.category(c) in _INVISIBLE else c
-                   for c in text)
+    return "".join(_escaped(c) if ord(c) > 0x7F and c not in _JOINERS and unicodedata.category(c) in _INVISIBLE
+                   else c for c in text)
+
+
+def _escaped(c: str) -> str:
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
 
 
 def cell(value: object) -> Text:

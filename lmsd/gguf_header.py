@@ -22,9 +22,12 @@ _STRING, _ARRAY = 8, 9
 # Arrays kept whole: short ones only. Token lists, merges and scores are skipped (the catalog needs none).
 _KEEP_ARRAY_MAX = 64
 _MAX_DEPTH = 4  # arrays of arrays are legal; a deeper nesting only serves to exhaust the stack
-# Arrays of arrays are never kept, and at most this many of their elements are visited per file: each costs
-# Python work, and a 20 MB file of nested 64-element arrays took 18 s and 233 MB (real models have none).
+# Arrays of arrays are never kept, and at most this many of their elements are visited per file (a 20 MB file of
+# nested 64-element arrays took 18 s and 233 MB; real models have none).
 _MAX_NESTED = 100_000
+# Keys and array elements read one by one (all but arrays of numbers, skipped in one seek) per file: a real
+# model has well under a million (a 256k-token vocabulary and its merges); 50 MB of tiny keys took 8 s.
+_MAX_VISITS = 3_000_000
 
 
 class GGUFError(ValueError):
@@ -66,7 +69,7 @@ def _value(f: BinaryIO, vtype: int, keep: bool = False, depth: int = 0, budget: 
     if vtype == _STRING:
         return _string(f)
     if vtype == _ARRAY:
-        budget = budget if budget is not None else [_MAX_NESTED]
+        budget = budget if budget is not None else [_MAX_NESTED, _MAX_VISITS]
         etype = _unpack(f, "<I")
         count = _unpack(f, "<Q")
         if count > _MAX_COUNT:
@@ -75,7 +78,11 @@ def _value(f: BinaryIO, vtype: int, keep: bool = False, depth: int = 0, budget: 
             budget[0] -= count
             if budget[0] < 0:
                 raise GGUFError(f"more than {_MAX_NESTED} elements in nested header arrays (corrupt file)")
-        elif count <= _KEEP_ARRAY_MAX or keep:
+        if etype not in _SCALARS or count <= _KEEP_ARRAY_MAX or keep:
+            budget[1] -= count
+            if budget[1] < 0:
+                raise GGUFError(f"more than {_MAX_VISITS} keys and array elements in the header (corrupt file)")
+        if depth == 0 and etype != _ARRAY and (count <= _KEEP_ARRAY_MAX or keep):
             return [_value(f, etype, depth=depth + 1) for _ in range(count)]
         if etype in _SCALARS:
             f.seek(count * struct.calcsize(_SCALARS[etype]), 1)
@@ -127,8 +134,11 @@ def read_header(path: Path, keep_arrays: frozenset[str] = frozenset()) -> GGUFHe
         if tensor_count > _MAX_COUNT or kv_count > _MAX_COUNT:
             raise GGUFError("implausible tensor or key count (corrupt file)")
         header = GGUFHeader(version=version, tensor_count=tensor_count)
-        budget = [_MAX_NESTED]  # for the whole file
+        budget = [_MAX_NESTED, _MAX_VISITS]  # for the whole file
         for _ in range(kv_count):
+            budget[1] -= 1
+            if budget[1] < 0:
+                raise GGUFError(f"more than {_MAX_VISITS} keys and array elements in the header (corrupt file)")
             key = _string(f)
             header.fields[key] = _value(f, _unpack(f, "<I"), key in keep_arrays, budget=budget)
         data_end = 0

@@ -14,7 +14,18 @@ from lmsd.http.errors import HttpError
 M = TypeVar("M", bound=BaseModel)
 
 
-_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE = re.compile("[\ud800-\udfff]")  # what json.loads leaves of an unpaired surrogate escape
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return _LONE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _no_constant(name: str) -> float:
@@ -24,19 +35,17 @@ def _no_constant(name: str) -> float:
 async def parse_body(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
-        data = json.loads(raw, parse_constant=_no_constant)
+        text = raw.decode("utf-8")  # strict: JSON over HTTP is UTF-8, and raw surrogate bytes are not text
+        data = json.loads(text, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
     except RecursionError:
         raise HttpError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise HttpError(400, "the request body must be a JSON object", code="invalid_request_error")
-    if _SURROGATE.search(raw):  # an escaped surrogate: text only if it is half of a pair
-        try:
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise HttpError(400, "the request body contains a lone UTF-16 surrogate escape (such as \\ud800), "
-                                 "which is not text", code="invalid_json") from None
+    if _SURROGATE.search(text) and _has_lone_surrogate(data):  # an escaped surrogate: text if half of a pair
+        raise HttpError(400, "the request body contains a lone UTF-16 surrogate escape (such as \\ud800), which "
+                             "is not text", code="invalid_json")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -103,52 +103,117 @@ _COUNTS = ("maxItems", "minItems", "maxLength", "minLength", "maxProperties", "m
 
 
 MAX_PATTERN = 1000  # characters of a `pattern` regex
-MAX_PATTERN_COST = 1024  # grammar copies a pattern may expand to (see pattern_cost)
-_BRACE = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+MAX_PATTERN_COST = 1024  # grammar copies a pattern may expand to
+_SPECIAL = set("()[]{}|*+?.\\^$")
 
 
-def pattern_cost(pattern: str) -> int:
-    """How many copies of its atoms a regex becomes as grammar rules: `x{m,n}` is n copies of x, a sequence is
-    the sum of its parts, a group counts as its contents, so counts inside counts multiply. An upper bound
-    (alternatives add up as a sequence would)."""
-    costs = [0]  # one running sum per open group
-    last = 0  # the cost of the element a following quantifier applies to
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
+class _Pattern:
+    """A recursive-descent check of a `pattern` against the regex subset llama-cpp-python's converter turns into
+    a grammar safely. Outside it the converter loops forever (a stray `]`), llama.cpp's sampler crashes
+    (`(|a)*`), or a repetition nested in a repetition makes one sampling step take minutes: all refused.
+    `cost` is how many copies of its atoms the grammar gets (`x{m,n}` is n copies)."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.i = text, 0
+
+    def fail(self, why: str) -> ValueError:
+        return ValueError(f"'pattern: {self.text[:60]}' in the JSON schema: {why} at position {self.i}; supported "
+                          "are literals, escapes, [classes], (groups) with |, and * + ? {m,n} on what holds no "
+                          "repetition itself")
+
+    def peek(self) -> str:
+        return self.text[self.i] if self.i < len(self.text) else ""
+
+    def parse(self) -> int:
+        self.i = 1  # after the ^
+        cost, _ = self.alternation()
+        if self.text[self.i:] == "$":
+            self.i += 1
+        if self.i != len(self.text):
+            raise self.fail(f"unexpected '{self.peek()}'")
+        return cost
+
+    def alternation(self) -> tuple[int, bool]:
+        cost, repeats = self.sequence()
+        while self.peek() == "|":
+            self.i += 1
+            more, more_repeats = self.sequence()
+            cost, repeats = cost + more, repeats or more_repeats
+        return cost, repeats
+
+    def sequence(self) -> tuple[int, bool]:
+        cost, repeats = 0, False
+        while self.peek() and self.peek() not in "|)$":
+            atom, inner = self.atom()
+            times = self.quantifier()
+            if times is not None:
+                if inner:
+                    raise self.fail("a repetition of something that repeats itself")
+                atom, inner = atom * max(times, 1), True
+            cost, repeats = cost + atom, repeats or inner
+            if cost > MAX_PATTERN_COST:
+                raise self.fail(f"it expands to more than {MAX_PATTERN_COST} copies")
+        if cost == 0:
+            raise self.fail("an empty alternative")
+        return cost, repeats
+
+    def atom(self) -> tuple[int, bool]:
+        c = self.peek()
         if c == "\\":
-            last, i = 1, i + 2
-        elif c == "[":  # a character class is one atom
-            j = i + 1 + (pattern[i + 1:i + 2] == "^")
-            j += pattern[j:j + 1] == "]"
-            while j < len(pattern) and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            last, i = 1, j + 1
+            if self.i + 1 >= len(self.text):
+                raise self.fail("a backslash at the end")
+            self.i += 2
+        elif c == "[":
+            self.i += 1
+            if self.peek() == "^":
+                self.i += 1
+            if self.peek() == "]":
+                raise self.fail("an empty [] (write a ] inside a class as \\])")
+            while self.peek() != "]":
+                if not self.peek():
+                    raise self.fail("an unclosed [")
+                self.i += 2 if self.peek() == "\\" else 1
+            self.i += 1
         elif c == "(":
-            costs.append(0)
-            i += 1
-            continue
-        elif c == ")" and len(costs) > 1:
-            last, i = max(costs.pop(), 1), i + 1
-        elif c == "{" and (m := _BRACE.match(pattern, i)) and (m.group(1) or m.group(2)):
-            times = max(int(m.group(1) or 0), int(m.group(2) or 0), 1)
-            costs[-1] += last * (times - 1)
-            last, i = last * times, m.end()
-            continue
+            self.i += 1
+            if self.peek() == "?":
+                raise self.fail("(?...) groups are not supported")
+            cost, repeats = self.alternation()
+            if self.peek() != ")":
+                raise self.fail("an unclosed (")
+            self.i += 1
+            return cost, repeats
+        elif c in _SPECIAL and c != ".":
+            raise self.fail(f"'{c}' where a character is expected (escape it as \\{c})")
         else:
-            last, i = 1, i + 1
-        costs[-1] += last
-    return sum(costs)
+            self.i += 1
+        return 1, False
+
+    def quantifier(self) -> int | None:
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.i += 1
+            return 1
+        if c != "{":
+            return None
+        end = self.text.find("}", self.i)
+        body = self.text[self.i + 1:end] if end > 0 else ""
+        low, _, high = body.partition(",")
+        if end < 0 or not low.isascii() or not low.isdigit() or (high and not (high.isascii() and high.isdigit())):
+            raise self.fail("a {m,n} count that is not plain digits")
+        self.i = end + 1
+        return max(int(low), int(high or 0))
 
 
 def check_pattern(pattern: str) -> None:
-    """A regex `pattern` becomes grammar rules with one copy per repetition: `^a{0,5000}$` overflowed
-    llama.cpp's grammar parser (SIGSEGV) and `(a{0,256}){0,256}` froze a worker inside one sampling step."""
+    """Raises ValueError for a regex `pattern` outside what can safely become grammar rules (see _Pattern)."""
     if len(pattern) > MAX_PATTERN:
         raise ValueError(f"a 'pattern' in the JSON schema is longer than {MAX_PATTERN} characters")
-    if pattern_cost(pattern) > MAX_PATTERN_COST:
-        raise ValueError(f"'pattern: {pattern[:60]}' in the JSON schema repeats too much: its {{m,n}} counts may "
-                         f"expand to at most {MAX_PATTERN_COST} copies (counts inside counts multiply)")
+    if not (pattern.startswith("^") and pattern.endswith("$")) or pattern.endswith("\\$"):
+        raise ValueError(f"'pattern: {pattern[:60]}' in the JSON schema must start with ^ and end with $ (llama.cpp "
+                         "turns only anchored patterns into a grammar)")
+    if pattern != "^$":
+        _Pattern(pattern).parse()
 
 
 def check_schema(schema: Any, depth: int = 0) -> None:

@@ -95,7 +95,7 @@ class _Guard:
         host = headers.get("host", "")
         if self.loopback and host and not _is_local_host(_hostname(host)):
             return (f"Host '{host[:100]}' is not this machine: while bound to loopback the endpoint answers only "
-                    "localhost, 127.0.0.1 and [::1] (a web page using DNS rebinding?)")
+                    "localhost and loopback addresses such as 127.0.0.1 and [::1] (a web page using DNS rebinding?)")
         origin = headers.get("origin")
         if origin is not None and not self.cors:
             return (f"cross-origin request from '{origin[:100]}' refused: CORS is off. Allow web pages with "

@@ -206,12 +206,30 @@ class Engine:
                 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
                 try:
-                    params["grammar"] = (LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema
-                                         else LlamaGrammar.from_string(JSON_GBNF, verbose=False))
+                    grammar = (LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema
+                               else LlamaGrammar.from_string(JSON_GBNF, verbose=False))
                 except Exception as exc:  # noqa: BLE001 - llama-cpp raises AssertionError, KeyError ... for what it cannot compile
                     raise ValueError(f"the JSON schema cannot be turned into a grammar: {type(exc).__name__}: {exc}") \
                         from None
+                self._check_grammar(grammar)
+                params["grammar"] = grammar
         return params
+
+    def _check_grammar(self, grammar: Any) -> None:
+        """llama.cpp refuses some grammars (left recursion, what its parser rejects) by returning no sampler, and
+        llama-cpp-python adds that NULL to its sampler chain unchecked: the worker died with SIGSEGV. Build the
+        sampler once here, where a refusal can become a 400."""
+        import llama_cpp
+
+        text, root = grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        if len(text) > _GRAMMAR_MAX:
+            raise ValueError(f"the JSON schema turns into a grammar of {len(text) // 1024} KB; at most "
+                             f"{_GRAMMAR_MAX // 1024} KB is supported")
+        sampler = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, text, root)
+        if not sampler:
+            raise ValueError("llama.cpp cannot use the grammar this JSON schema turns into (a reference to itself "
+                             "with nothing before it, or a construct it does not support)")
+        llama_cpp.llama_sampler_free(sampler)
 
     def _stream(self, kind: str, params: dict[str, Any]) -> Generator[tuple[str, str | None], None, None]:
         if kind == "chat":
@@ -290,6 +308,7 @@ def _classify(exc: Exception) -> tuple[str, str]:
 
 _LOG_MAX = 8192  # characters of one traceback in workers.log
 _CTX_STEP = 256  # llama.cpp's context granularity
+_GRAMMAR_MAX = 1024 * 1024  # bytes of grammar text a JSON schema may turn into
 
 
 class _Stop(Exception):

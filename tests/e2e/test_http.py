@@ -295,6 +295,8 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("logit_bias value a boolean", {"model": "alpha", "messages": HI, "logit_bias": {"0": False}}, 400,
      "logit_bias.0"),
     ("lone surrogate", b'{"model": "alpha", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    ("raw surrogate bytes", b'{"model": "alpha", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', 400,
+     None),
     ("pattern that expands to 5,000 rules", {"model": "alpha", "messages": HI, "response_format": {
         "type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "^a{0,5000}$"}}}}, 400,
      "response_format"),

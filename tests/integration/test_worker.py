@@ -185,3 +185,22 @@ async def test_a_context_llama_cpp_rounds_up_is_the_one_in_force_and_a_full_cont
         assert done["finish_reason"] == "length" and done["prompt_tokens"] + done["completion_tokens"] <= 256
     finally:
         await worker.stop("test over")
+
+
+async def test_a_grammar_llama_cpp_refuses_is_a_clear_error_and_the_worker_lives(tiny_file: Path) -> None:
+    """A schema whose grammar refers to itself first: llama.cpp returns no sampler and llama-cpp-python used the
+    NULL anyway (the worker died with SIGSEGV)."""
+    from lmsd.errors import InvalidArgument
+
+    schema = {"definitions": {"a": {"anyOf": [{"$ref": "#/definitions/a"}, {"type": "string"}]}},
+              "type": "object", "properties": {"x": {"$ref": "#/definitions/a"}}, "required": ["x"]}
+    worker = await WorkerProcess.spawn()
+    try:
+        await worker.load(str(tiny_file), 256, lambda f: None)
+        with pytest.raises(InvalidArgument, match="cannot use the grammar"):
+            await collect(worker, "completion", {"prompt": "hi", "max_tokens": 4, "response_format": {
+                "type": "json_schema", "json_schema": {"schema": schema}}})
+        _text, done = await collect(worker, "completion", {"prompt": "hi", "max_tokens": 4})
+        assert done["completion_tokens"] >= 1
+    finally:
+        await worker.stop("test over")

@@ -141,3 +141,5 @@ def test_text_from_files_and_clients_cannot_hide_or_reorder_itself_in_a_terminal
     assert clean("safe\u202egguf.exe\u2066\u200b-x") == "safe\\u202egguf.exe\\u2066\\u200b-x"
     assert clean("\x1b]8;;http://evil\x07link\r") == "\\x1b]8;;http://evil\\x07link\\x0d"
     assert clean("café 日本語 🙂 [red]x[/red]") == "café 日本語 🙂 [red]x[/red]"  # ordinary text stays as it is
+    assert clean("👨\u200d👩\u200d👧 می\u200cخواهم 🫨") == "👨\u200d👩\u200d👧 می\u200cخواهم 🫨"  # joiners, new emoji
+    assert clean("x\U000e0041y") == "x\\U000e0041y"  # an invisible tag character beyond U+FFFF

@@ -102,3 +102,17 @@ def test_nested_arrays_cost_a_bounded_number_of_visits(tmp_path: Path) -> None:
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + key("ok") + small + key("general.name") +
                      struct.pack("<I", 8) + key("x") + bytes(64))
     assert read_header(path).fields["general.name"] == "x"
+
+
+def test_millions_of_tiny_keys_are_refused_without_reading_them_all(tmp_path: Path) -> None:
+    import struct
+
+    kv = b"".join(struct.pack("<Q", 4) + b"k%03d" % (i % 1000) + struct.pack("<I", 0) + b"\0" for i in range(3_100_000))
+    path = tmp_path / "keys.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 3_100_000) + kv)
+    try:
+        read_header(path)
+    except GGUFError as exc:
+        assert "keys and array elements" in str(exc)
+    else:
+        raise AssertionError("3.1 million keys were read")
