@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a larger request body gets 413; prompts and embedding batches fit easily
 
 
-_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 
 class _Guard:
@@ -115,7 +114,7 @@ def _is_local_host(name: str) -> bool:
     """`localhost`, or an IP literal of a loopback address (127.0.0.0/8, ::1 in any spelling): a DNS-rebinding
     page can only send a name it controls, never an IP literal, so every literal of this machine's loopback is
     safe to answer (a daemon bound to 127.0.0.2 is reached as 127.0.0.2)."""
-    if name in _LOOPBACK_HOSTS:
+    if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name.strip("[]")).is_loopback

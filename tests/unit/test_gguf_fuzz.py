@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -91,12 +92,8 @@ def test_nested_arrays_cost_a_bounded_number_of_visits(tmp_path: Path) -> None:
         struct.pack("<I", 8) + key("x")
     path = tmp_path / "nested.gguf"
     _check(path, data)
-    try:
+    with pytest.raises(GGUFError, match="nested header arrays"):
         read_header(path)
-    except GGUFError as exc:
-        assert "nested header arrays" in str(exc)
-    else:
-        raise AssertionError("a file with 128,000 nested arrays was read whole")
     # A few nested arrays are fine: skipped, the rest of the header is read.
     small = struct.pack("<I", 9) + struct.pack("<IQ", 9, 3) + leaf * 3
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + key("ok") + small + key("general.name") +
@@ -110,9 +107,5 @@ def test_millions_of_tiny_keys_are_refused_without_reading_them_all(tmp_path: Pa
     kv = b"".join(struct.pack("<Q", 4) + b"k%03d" % (i % 1000) + struct.pack("<I", 0) + b"\0" for i in range(3_100_000))
     path = tmp_path / "keys.gguf"
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 3_100_000) + kv)
-    try:
+    with pytest.raises(GGUFError, match="keys and array elements"):
         read_header(path)
-    except GGUFError as exc:
-        assert "keys and array elements" in str(exc)
-    else:
-        raise AssertionError("3.1 million keys were read")
