@@ -168,7 +168,7 @@ class Engine:
                     self.chan.send(ev="token", id=rid, text=text)
                 if reason:
                     finish_reason = reason
-        except _Stop as stop:  # raised by the logits processor, from inside llama-cpp-python's loop
+        except _Stop as stop:  # raised by the stopping criterion, from inside llama-cpp-python's loop
             finish_reason, stopped = stop.finish_reason, True
             if stop.why:
                 print(f"request {rid}: {stop.why}", file=sys.stderr)
