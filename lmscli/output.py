@@ -147,14 +147,14 @@ def print_instances(instances: list[Any], memory: Any = None) -> None:
             info(memory_line(memory))
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("IDENTIFIER", "MODEL", "STATUS", "ORIGIN", "SIZE", "MEMORY", "CONTEXT", "TTL"):
+    for col in ("IDENTIFIER", "MODEL", "STATUS", "ORIGIN", "SIZE", "MEMORY", "CONTEXT", "PARALLEL", "TTL"):
         table.add_column(col, no_wrap=True)
     for i in instances:
         status = i.status
         if i.in_flight or i.queued:
             status += f" ({i.in_flight} running, {i.queued} queued)"
         table.add_row(cell(i.identifier), cell(i.model), cell(status), i.origin, format_bytes(i.size_bytes),
-                      format_bytes(i.memory_bytes), str(i.context_length or "-"), ttl_cell(i))
+                      format_bytes(i.memory_bytes), str(i.context_length or "-"), str(i.parallel or "-"), ttl_cell(i))
     stdout.print(table)
     for i in instances:
         if i.status == "failed":
@@ -218,6 +218,7 @@ def settings_json(s: Any) -> dict[str, Any]:
         "max_loaded_models": s.max_loaded_models,
         "load_timeout": s.load_timeout,
         "max_wait": s.max_wait,
+        "default_parallel": s.default_parallel,
     }
 
 
@@ -237,6 +238,7 @@ def print_settings(s: Any) -> None:
     table.add_row("max_loaded_models", str(s.max_loaded_models or "no limit"), "instances loaded at once")
     table.add_row("load_timeout", f"{format_duration(s.load_timeout)}", "a load without progress this long is killed")
     table.add_row("max_wait", f"{format_duration(s.max_wait)}", "how long a request may wait for its model")
+    table.add_row("default_parallel", str(s.default_parallel), "requests one model decodes together")
     stdout.print(table)
     if s.warning:
         err(f"warning: {s.warning}")

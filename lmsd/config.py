@@ -91,6 +91,8 @@ class Settings:
     load_timeout: 300 seconds (>= 1). A load that reports no progress for this long is killed and reported.
     max_wait:     300 seconds (>= 1). How long a request may wait for its model (its load, a swap, its queue)
                   before it is refused with 503 and Retry-After.
+    default_parallel: 4 (1..64). Requests one instance decodes together (continuous batching), for loads that
+                  do not say (`lms load --parallel`) and JIT loads; LM Studio's Max Concurrent Predictions.
     """
 
     jit: bool = True
@@ -104,6 +106,7 @@ class Settings:
     max_loaded_models: int = 0
     load_timeout: int = 300
     max_wait: int = 300
+    default_parallel: int = 4
 
     def validate(self) -> None:
         """Raises ValueError with a message a user can act on."""
@@ -121,6 +124,9 @@ class Settings:
         if not _whole(self.max_loaded_models, 0, 10_000):
             raise ValueError(f"max_loaded_models must be a whole number from 0 (no limit) to 10000, "
                              f"got {self.max_loaded_models!r}")
+        if not _whole(self.default_parallel, 1, MAX_PARALLEL):
+            raise ValueError(f"default_parallel must be a whole number from 1 to {MAX_PARALLEL}, "
+                             f"got {self.default_parallel!r}")
         for name in ("load_timeout", "max_wait"):
             if not _whole(getattr(self, name), 1, 365 * 24 * 3600):
                 raise ValueError(f"{name} must be a whole number of seconds from 1 to 31536000 (365 days), got "
@@ -130,6 +136,7 @@ class Settings:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
+MAX_PARALLEL = 64  # sequences one instance decodes together
 MIN_MEMORY_LIMIT = 64 * 1024**2
 MAX_MEMORY_LIMIT = 1024**5
 

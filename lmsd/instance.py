@@ -65,9 +65,14 @@ class Worker(Protocol):
 
     pid: int
 
-    async def load(self, path: str, context_length: int, progress: ProgressFn, *, embedding: bool = False) -> int:
-        """Loads the model; returns the context length in force. Raises ModelLoadFailed, or Unavailable when the
-        load was stopped by `stop()`."""
+    def waiting(self) -> int:
+        """Requests admitted by the scheduler that the worker holds until its KV cache has room (shown as queued)."""
+        ...
+
+    async def load(self, path: str, context_length: int, progress: ProgressFn, *, embedding: bool = False,
+                   parallel: int = 1) -> int:
+        """Loads the model to decode `parallel` requests together; returns the context length in force. Raises
+        ModelLoadFailed, or Unavailable when the load was stopped by `stop()`."""
         ...
 
     async def stop(self, reason: str, *, kill: bool = False) -> None:
@@ -117,7 +122,8 @@ class Ticket:
     identifier: str  # "" for the next free identifier
     context_length: int
     progress: ProgressFn | None
-    result: asyncio.Future[Instance]  # the placed (loading) instance, or the refusal
+    result: asyncio.Future[Instance]
+    parallel: int = 1  # the placed (loading) instance, or the refusal
     waiters: collections.deque[Waiter] = field(default_factory=collections.deque)  # JIT requests riding on it
     dropped: bool = False  # given up before it started (withdrawn, refused, served by another instance)
 
@@ -131,6 +137,7 @@ class Instance:
     context_length: int
     estimate: int = 0  # bytes this instance is accounted for (the larger of estimate and measured reality)
     requested_context: int = 0  # the context length asked for (what estimates and measurements are keyed by)
+    parallel: int = 1  # requests it runs at once (sequences its worker decodes together)
     worker: Worker | None = None
     state: State = "loading"
     in_flight: int = 0

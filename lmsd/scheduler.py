@@ -34,7 +34,7 @@ from typing import Any
 
 from lmsd import memory, placement
 from lmsd.catalog import AmbiguousModel, Catalog, ModelEntry
-from lmsd.config import Settings
+from lmsd.config import MAX_PARALLEL, Settings
 from lmsd.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -100,7 +100,6 @@ class Scheduler:
         *,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
-        parallel: int = 1,
         max_queue: int = 64,
         offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
         estimate: Estimator | None = None,
@@ -112,7 +111,6 @@ class Scheduler:
         self.settings = settings
         self.clock = clock
         self.wall_clock = wall_clock
-        self.parallel = parallel  # requests one instance runs at once
         self.max_queue = max_queue  # requests one model holds waiting (queued or riding a load); beyond: QueueFull
         self.offload = offload  # runs blocking work (catalog scans read files) off the event loop
         self.estimate = estimate or memory.estimate_bytes
@@ -138,13 +136,14 @@ class Scheduler:
                 remaining = max(0.0, inst.ttl - (self.clock() - inst.idle_since))
             else:
                 remaining = float(inst.ttl)  # the timer restarts when the instance becomes idle
+        held = min(inst.in_flight, inst.worker.waiting()) if inst.worker else 0  # waiting for KV room in the worker
         return InstanceView(
             identifier=inst.identifier, model=inst.key, path=inst.entry.rel_path, status=inst.status,
             origin=inst.origin, ttl_seconds=inst.ttl, ttl_remaining_seconds=remaining,
             context_length=inst.context_length, size_bytes=inst.entry.size_bytes,
             memory_bytes=inst.worker.memory_bytes() if inst.worker else 0, pid=inst.worker.pid if inst.worker else 0,
-            in_flight=inst.in_flight, queued=inst.queued, last_used_unix=inst.last_used_unix,
-            estimated_memory_bytes=inst.estimate, parallel=self.parallel,
+            in_flight=inst.in_flight - held, queued=inst.queued + held, last_used_unix=inst.last_used_unix,
+            estimated_memory_bytes=inst.estimate, parallel=inst.parallel,
         )
 
     def list_loaded(self) -> list[InstanceView]:
@@ -228,6 +227,7 @@ class Scheduler:
         ttl: int | None = None,
         identifier: str = "",
         context_length: int = 0,
+        parallel: int = 0,
         origin: Origin = "manual",
         progress: ProgressFn | None = None,
     ) -> Instance:
@@ -237,13 +237,14 @@ class Scheduler:
         _check_ttl(ttl)
         entry = await self._resolve(model)
         ctx = self._check_context(entry, context_length)
+        parallel = self._check_parallel(parallel)
         self._check_open()
         if identifier and (identifier in self._instances or any(t.identifier == identifier for t in self._tickets)):
             raise FailedPrecondition(
                 f"an instance with identifier '{identifier}' is already loaded; unload it or choose another")
         self._failed.pop(entry.key, None)
         ticket = Ticket(entry=entry, origin=origin, ttl=ttl, identifier=identifier, context_length=ctx,
-                        progress=progress, result=asyncio.get_running_loop().create_future())
+                        progress=progress, result=asyncio.get_running_loop().create_future(), parallel=parallel)
         self._tickets.append(ticket)
         self._pump()
         try:
@@ -254,6 +255,11 @@ class Scheduler:
             elif ticket.result.done() and not ticket.result.cancelled() and ticket.result.exception() is None:
                 self._begin_unload(ticket.result.result(), "manual", 0.0)  # placed in the same instant
             raise
+
+    def _check_parallel(self, parallel: int) -> int:
+        if parallel < 0 or parallel > MAX_PARALLEL:
+            raise InvalidArgument(f"parallel must be from 1 to {MAX_PARALLEL} requests, got {parallel}")
+        return parallel or self.settings().default_parallel
 
     def _check_context(self, entry: ModelEntry, context_length: int) -> int:
         if context_length < 0:
@@ -347,7 +353,8 @@ class Scheduler:
         if ticket is None:
             ticket = Ticket(entry=entry, origin="jit", ttl=ttl if ttl is not None else self.settings().default_ttl,
                             identifier="", context_length=default_context_length(entry), progress=None,
-                            result=asyncio.get_running_loop().create_future())
+                            result=asyncio.get_running_loop().create_future(),
+                            parallel=self.settings().default_parallel)
             self._tickets.append(ticket)
         elif len(ticket.waiters) >= self.max_queue:
             raise QueueFull(f"'{entry.key}' already has {len(ticket.waiters)} requests waiting for it to load; "
@@ -363,7 +370,7 @@ class Scheduler:
         """A slot on `inst` now if one is free, else a place in its queue (bounded)."""
         self._failed.pop(inst.key, None)
         waiter = self._new_waiter()
-        if inst.loaded and inst.in_flight < self.parallel and not inst.waiters:
+        if inst.loaded and inst.in_flight < inst.parallel and not inst.waiters:
             self._start_request(inst)
             waiter.fut.set_result(inst)
             return waiter
@@ -421,7 +428,7 @@ class Scheduler:
     def _after_request(self, inst: Instance) -> None:
         """Hands free slots to the oldest waiters; an instance left with no work becomes idle (or drained)."""
         if inst.loaded and not inst.cut:
-            while inst.waiters and inst.in_flight < self.parallel:
+            while inst.waiters and inst.in_flight < inst.parallel:
                 waiter = inst.waiters.popleft()
                 if waiter.fut.done():
                     continue  # its caller was cancelled in this same instant and has not run yet: no slot
@@ -524,7 +531,7 @@ class Scheduler:
         identifier = ticket.identifier or self._next_identifier(ticket.entry.key)
         inst = Instance(identifier=identifier, entry=ticket.entry, origin=ticket.origin, ttl=ticket.ttl,
                         context_length=ticket.context_length, estimate=estimate,
-                        requested_context=ticket.context_length)
+                        requested_context=ticket.context_length, parallel=ticket.parallel)
         inst.last_used = self.clock()
         inst.load_deadline = self.clock() + self.settings().load_timeout
         self._instances[identifier] = inst
@@ -555,7 +562,7 @@ class Scheduler:
             if inst.abort is not None:
                 raise inst.abort
             n_ctx = await inst.worker.load(inst.entry.path, inst.context_length, on_progress,
-                                           embedding=inst.entry.type == "embedding")
+                                           embedding=inst.entry.type == "embedding", parallel=inst.parallel)
             if inst.abort is not None:
                 raise inst.abort
         except Exception as exc:  # noqa: BLE001 - any load failure is reported to everyone waiting on it

@@ -43,6 +43,10 @@ def load(
     context_length: Annotated[
         int | None, typer.Option("--context-length", "-c", callback=_positive, help="Context length in tokens.")
     ] = None,
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", min=1, max=64,
+                                 help="Requests it decodes together (default: the default_parallel setting, 4).")
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Take the best match without asking.")] = False,
     estimate_only: Annotated[
         bool, typer.Option("--estimate-only", help="Print the memory the load would take and whether it fits.")
@@ -55,7 +59,8 @@ def load(
     client = connect()
     listing = client.stub.ListModels(pb.ListModelsRequest(), timeout=60)
     key = _choose_model(model, [m.key for m in listing.models], yes, listing.models_dir)
-    request = pb.LoadRequest(model=key, identifier=identifier or "", context_length=context_length or 0)
+    request = pb.LoadRequest(model=key, identifier=identifier or "", context_length=context_length or 0,
+                             parallel=parallel or 0)
     if estimate_only:
         request.estimate_only = True
         _print_estimate(next(iter(client.stub.Load(request, timeout=60))).estimate, as_json)

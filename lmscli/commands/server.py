@@ -40,6 +40,10 @@ def settings(
         str | None,
         typer.Option("--max-wait", callback=ttl_callback, help="How long a request may wait for its model: 5m."),
     ] = None,
+    default_parallel: Annotated[
+        int | None, typer.Option("--default-parallel", min=1, max=64,
+                                 help="Requests one model decodes together, for loads that do not say (JIT too).")
+    ] = None,
     api_key_set: Annotated[
         bool, typer.Option("--api-key-set", help="Require an API key for HTTP; reads it from stdin or a prompt.")
     ] = False,
@@ -65,6 +69,8 @@ def settings(
         request.load_timeout = int(load_timeout)
     if max_wait is not None:
         request.max_wait = int(max_wait)
+    if default_parallel is not None:
+        request.default_parallel = default_parallel
     if api_key_set and api_key_clear:
         raise CliError("--api-key-set and --api-key-clear contradict each other", EXIT_USAGE)
     if api_key_set:

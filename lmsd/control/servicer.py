@@ -77,7 +77,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         try:
             inst = await self.scheduler.begin_load(
                 request.model, ttl=ttl, identifier=request.identifier, context_length=request.context_length,
-                progress=progress.put_nowait,
+                parallel=request.parallel, progress=progress.put_nowait,
             )
         except LmsError as exc:
             await _abort(context, exc)
@@ -146,14 +146,15 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         return pb.Settings(jit=s.jit, auto_evict=s.auto_evict, default_ttl=s.default_ttl, port=s.port, bind=s.bind,
                            cors=s.cors, settings_path=str(store.path), warning=store.warning,
                            api_key_set=self.daemon.api_key.get() is not None, memory_limit=str(s.memory_limit),
-                           max_loaded_models=s.max_loaded_models, load_timeout=s.load_timeout, max_wait=s.max_wait)
+                           max_loaded_models=s.max_loaded_models, load_timeout=s.load_timeout, max_wait=s.max_wait,
+                           default_parallel=s.default_parallel)
 
     async def GetSettings(self, request: pb.GetSettingsRequest, context: Any) -> pb.Settings:
         return self._settings_pb()
 
     async def UpdateSettings(self, request: pb.UpdateSettingsRequest, context: Any) -> pb.Settings:
         fields = ("jit", "auto_evict", "default_ttl", "port", "bind", "cors", "max_loaded_models", "load_timeout",
-                  "max_wait")
+                  "max_wait", "default_parallel")
         changes: dict[str, Any] = {f: getattr(request, f) for f in fields if request.HasField(f)}  # type: ignore[arg-type]
         key = request.api_key.strip() if request.HasField("api_key") else None
         try:

@@ -60,12 +60,15 @@ class Generation:
         decode = gen - ttft
         tps = tokens / decode if decode > 0 and tokens > 1 else (tokens / gen if gen > 0 else 0.0)
         return {"tokens_per_second": round(tps, 3), "time_to_first_token": round(ttft, 4),
-                "generation_time": round(gen, 4), "stop_reason": _stop_reason(d.get("finish_reason", "stop"))}
+                "generation_time": round(gen, 4), "stop_reason": _stop_reason(d.get("finish_reason", "stop")),
+                "cached_prompt_tokens": int(d.get("prompt_cached_tokens", 0))}
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage; `prompt_tokens_details.cached_tokens` counts the prompt tokens the prompt cache served."""
         p = int(self.done.get("prompt_tokens", 0))
         c = int(self.done.get("completion_tokens", 0))
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": int(self.done.get("prompt_cached_tokens", 0))}}
 
 
 def _stop_reason(finish: str) -> str:

@@ -230,6 +230,7 @@ def _v0_model(entry: ModelEntry, instances: list[Instance]) -> dict[str, Any]:
     if instances:
         model["loaded_context_length"] = instances[0].context_length
         model["estimated_memory_bytes"] = instances[0].estimate
+        model["parallel"] = instances[0].parallel
     return model
 
 

@@ -63,6 +63,7 @@ class WorkerProcess:
         self._load: asyncio.Future[dict[str, Any]] | None = None
         self._progress: Callable[[float], None] | None = None
         self._requests: dict[str, _Request] = {}  # request id -> the request, until the worker reports its end
+        self._waiting: set[str] = set()  # requests the worker holds until its KV cache has room for them
         self._exit_callbacks: list[Callable[[str], None]] = []
         self._stop_reason: str | None = None  # set when the daemon asked the worker to end
         self.exited = asyncio.Event()
@@ -137,8 +138,15 @@ class WorkerProcess:
         elif ev in ("loaded", "load_error"):
             if self._load is not None and not self._load.done():
                 self._load.set_result(event)
+        elif ev == "queued":
+            self._waiting.add(str(event.get("id", "")))
+        elif ev == "running":
+            self._waiting.discard(str(event.get("id", "")))
         else:
-            req = self._requests.get(str(event.get("id", "")))
+            rid = str(event.get("id", ""))
+            if ev in _TERMINAL:
+                self._waiting.discard(rid)
+            req = self._requests.get(rid)
             if req is not None:
                 req.deliver(event)
 
@@ -154,6 +162,7 @@ class WorkerProcess:
         self.exited.set()
         gone = {"ev": "gone", "message": self._stop_reason or f"the worker (pid {self.pid}) {self.exit_why}",
                 "stopped": self._stop_reason is not None}
+        self._waiting.clear()
         for req in list(self._requests.values()):
             req.deliver(gone)
         if self._load is not None and not self._load.done():
@@ -170,11 +179,12 @@ class WorkerProcess:
         self._exit_callbacks.append(callback)
 
     async def load(self, path: str, context_length: int, progress: Callable[[float], None], *,
-                   embedding: bool = False) -> int:
+                   embedding: bool = False, parallel: int = 1) -> int:
+        """Loads the model with `parallel` sequences decoded together; returns the context length it got."""
         self._progress = progress
         self._load = asyncio.get_running_loop().create_future()
         try:
-            self._send(op="load", path=path, n_ctx=context_length, embedding=embedding)
+            self._send(op="load", path=path, n_ctx=context_length, embedding=embedding, parallel=parallel)
             result = await self._load
         finally:
             self._progress = None
@@ -236,6 +246,10 @@ class WorkerProcess:
                     self.proc.kill()
                 await self.exited.wait()
         await asyncio.shield(self._reader)
+
+    def waiting(self) -> int:
+        """Requests the worker has but cannot start yet: its KV cache has no room for them until others end."""
+        return len(self._waiting)
 
     def memory_bytes(self) -> int:
         """Resident memory (what `lms ps` shows): private memory plus the pages of the mapped model file."""

@@ -46,9 +46,9 @@ def test_openai_sdk_chat_stream_completions_embeddings(server: Server) -> None:
 
     reply = client.chat.completions.create(
         model=SMOL, temperature=0, max_tokens=20,
-        messages=[{"role": "system", "content": "You are helpful."},
+        messages=[{"role": "system", "content": "Answer in one word."},
                   {"role": "user", "content": "What is the capital of France?"}])
-    assert "Paris" in reply.choices[0].message.content
+    assert "Paris" in reply.choices[0].message.content  # greedy: the same answer every time
     assert reply.model == SMOL and reply.usage.completion_tokens >= 3
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
@@ -94,11 +94,17 @@ def test_lm_studio_v0_api(server: Server) -> None:
         r = c.post("/api/v0/chat/completions", json={"model": SMOL, "messages": HI, "max_tokens": 5, "ttl": 60})
         body = r.json()
         assert r.status_code == 200, body
-        assert set(body["stats"]) == {"tokens_per_second", "time_to_first_token", "generation_time", "stop_reason"}
+        assert set(body["stats"]) == {"tokens_per_second", "time_to_first_token", "generation_time", "stop_reason",
+                                      "cached_prompt_tokens"}
         assert body["model_info"] == {"arch": "llama", "quant": "Q4_1", "format": "gguf", "context_length": 4096}
         assert body["runtime"]["name"] == "llama-cpp-python"
         one = c.get(f"/api/v0/models/{SMOL}").json()
-        assert one["state"] == "loaded" and one["loaded_context_length"] == 4096
+        assert one["state"] == "loaded" and one["loaded_context_length"] == 4096 and one["parallel"] == 4
+        # the same conversation again: its prompt comes from the prompt cache, and the stats say so
+        again = c.post("/api/v0/chat/completions", json={"model": SMOL, "messages": HI, "max_tokens": 5}).json()
+        prompt = again["usage"]["prompt_tokens"]
+        assert again["stats"]["cached_prompt_tokens"] == prompt - 1  # the last prompt token is always read again
+        assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": prompt - 1}
         assert c.get("/api/v0/models/nope").status_code == 404
         comp = c.post("/api/v0/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 3}).json()
         assert comp["stats"]["stop_reason"] in ("maxPredictedTokensReached", "eosFound")
@@ -247,7 +253,8 @@ def test_queue_full_answers_429_with_retry_after(home: Any, lms: Any, tiny_file:
     port = free_port()
     lms("server", "start", "--port", str(port), check=True)
     server = Server(home, lms, f"http://127.0.0.1:{port}")
-    server.lms("load", SMOL, check=True)
+    server.lms("load", SMOL, "--parallel", "1", check=True)  # one at a time: the second request queues
+    assert server.loaded()[0]["parallel"] == 1
     long = {"max_tokens": 400, "ignore_eos": True}
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(chat, server, SMOL, **long)

@@ -16,22 +16,24 @@ def test_settings_change_at_once_and_survive_restart(home: Home, lms: Lms) -> No
     before = lms.json("server", "settings")
     assert before == {"jit": True, "auto_evict": True, "default_ttl": 3600, "port": 1234, "bind": "127.0.0.1",
                       "cors": False, "api_key_set": False, "memory_limit": "auto", "max_loaded_models": 0,
-                      "load_timeout": 300, "max_wait": 300}
+                      "load_timeout": 300, "max_wait": 300, "default_parallel": 4}
     out = lms("server", "settings", "--no-jit", "--default-ttl", "10m", check=True)
     assert "settings saved" in out.stderr
     assert re.search(r"jit\s+off", out.stdout) and "10m (600s)" in out.stdout
     out = lms("server", "settings", "--memory-limit", "6GB", "--max-loaded", "3", "--load-timeout", "2m",
-              "--max-wait", "90s", check=True)
+              "--max-wait", "90s", "--default-parallel", "2", check=True)
     assert re.search(r"memory_limit\s+6\.0 GB", out.stdout) and re.search(r"max_loaded_models\s+3", out.stdout)
-    for bad in (["--memory-limit", "lots"], ["--memory-limit", "0"], ["--max-loaded", "-1"], ["--max-wait", "0"]):
+    assert re.search(r"default_parallel\s+2", out.stdout)
+    for bad in (["--memory-limit", "lots"], ["--memory-limit", "0"], ["--max-loaded", "-1"], ["--max-wait", "0"],
+                ["--default-parallel", "0"], ["--default-parallel", "65"]):
         out = lms("server", "settings", *bad)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     lms("daemon", "down", check=True)
     lms("daemon", "up", check=True)
     after = lms.json("server", "settings")
     assert (after["jit"], after["default_ttl"], after["auto_evict"]) == (False, 600, True)
-    assert (after["memory_limit"], after["max_loaded_models"], after["load_timeout"], after["max_wait"]) == (
-        6 * 1024**3, 3, 120, 90)
+    assert (after["memory_limit"], after["max_loaded_models"], after["load_timeout"], after["max_wait"],
+            after["default_parallel"]) == (6 * 1024**3, 3, 120, 90, 2)
     saved = json.loads((home.root / "settings.json").read_text())
     assert saved["jit"] is False and saved["default_ttl"] == 600
     lms("server", "settings", "--jit", "--no-auto-evict", check=True)

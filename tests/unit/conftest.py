@@ -33,7 +33,7 @@ class Env:
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.workers = FakeWorkerFactory()
-        self.settings = Settings()
+        self.settings = Settings(default_parallel=1)  # one request at a time unless a test says otherwise
         self.sizes: dict[str, int] = {}
         self.available = 1 << 50
         self.catalog = StaticCatalog(["alpha", "beta", "gamma", "corrupt", "corrupt-header", "smollm2-135m-instruct"])

@@ -68,13 +68,18 @@ class FakeWorker:
         self.reaped = False
         self.crashed: str | None = None
         self.loaded_path: str | None = None
+        self.parallel = 0  # what the scheduler asked the load for
         self.active: dict[FakeStream, None] = {}  # insertion-ordered: runs are reproducible
         self.rss = factory.rss
         self._exit_cb: Callable[[str], None] | None = None
         self._ended = asyncio.Event()  # stopped or crashed
 
+    def waiting(self) -> int:
+        return 0
+
     async def load(self, path: str, context_length: int, progress: Callable[[float], None], *,
-                   embedding: bool = False) -> int:
+                   embedding: bool = False, parallel: int = 1) -> int:
+        self.parallel = parallel
         self.factory.loads.append(path)
         progress(0.5)
         gate = self.factory.gates.get(path, self.factory.gate)

@@ -102,11 +102,13 @@ class LifecycleMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ rules: clients
 
     @initialize(auto_evict=st.booleans(), max_loaded=st.sampled_from([0, 0, 1, 2]),
-                limit=st.sampled_from(["off", "auto", 3 * GB, 4 * GB]), slow_cancel=st.booleans())
-    def configure(self, auto_evict: bool, max_loaded: int, limit: Any, slow_cancel: bool) -> None:
+                limit=st.sampled_from(["off", "auto", 3 * GB, 4 * GB]), slow_cancel=st.booleans(),
+                parallel=st.sampled_from([1, 1, 2, 3]))
+    def configure(self, auto_evict: bool, max_loaded: int, limit: Any, slow_cancel: bool, parallel: int) -> None:
         self.env.workers.slow_cancel = slow_cancel  # a worker busy in prompt processing finishes before it stops
         s = self.env.settings
         s.auto_evict, s.max_loaded_models, s.memory_limit = auto_evict, max_loaded, limit
+        s.default_parallel = parallel  # JIT loads run this many requests at once
         s.max_wait = 100
         self.env.available = 5 * GB
 
@@ -114,9 +116,9 @@ class LifecycleMachine(RuleBasedStateMachine):
     def jit_request(self, model: str, ttl: int | None) -> None:
         self.callers.append(Caller(model, self.spawn(self.sched.acquire(model, ttl)), self.excuses))
 
-    @rule(model=st.sampled_from(MODELS), ttl=st.sampled_from([None, 10]))
-    def manual_load(self, model: str, ttl: int | None) -> None:
-        self.loads.append(self.spawn(self.sched.load(model, ttl=ttl)))
+    @rule(model=st.sampled_from(MODELS), ttl=st.sampled_from([None, 10]), parallel=st.sampled_from([0, 1, 2]))
+    def manual_load(self, model: str, ttl: int | None, parallel: int) -> None:
+        self.loads.append(self.spawn(self.sched.load(model, ttl=ttl, parallel=parallel)))
 
     def _holding(self) -> list[Caller]:
         return [c for c in self.callers if c.task.done() and not c.task.cancelled() and c.task.exception() is None
@@ -365,9 +367,14 @@ class LifecycleMachine(RuleBasedStateMachine):
                        and c.task.exception() is None and c.task.result().instance is inst
                        and (not c.done or (c.vanished and c.stream is not None and not c.stream.ended.done())))
             assert inst.in_flight == held, f"{inst.identifier}: in_flight {inst.in_flight}, leases and work {held}"
+            assert inst.in_flight <= inst.parallel, f"{inst.identifier}: {inst.in_flight} > parallel {inst.parallel}"
+            if inst.origin == "jit":  # JIT loads take the default_parallel setting
+                assert inst.parallel == self.env.settings.default_parallel
+            if inst.worker is not None and getattr(inst.worker, "parallel", 0):
+                assert inst.worker.parallel == inst.parallel  # the worker decodes as many as the scheduler admits
             assert all(not w.fut.done() for w in inst.waiters) or self._pending_cancel(inst)
             if inst.waiters and inst.loaded and not inst.cut and not self._pending_cancel(inst):
-                assert inst.in_flight == self.sched.parallel  # nobody waits while a slot is free
+                assert inst.in_flight == inst.parallel  # nobody waits while a slot is free
 
     def _pending_cancel(self, inst: Any) -> bool:
         return any(w.fut.cancelled() for w in inst.waiters)

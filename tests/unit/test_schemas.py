@@ -37,3 +37,16 @@ def test_ordinary_patterns_are_accepted(pattern: str) -> None:
 def test_patterns_that_hang_crash_or_explode_are_refused(pattern: str, why: str) -> None:
     with pytest.raises(ValueError, match=re.escape(why)):
         check_pattern(pattern)
+
+
+def test_zero_values_reach_the_worker_as_sent() -> None:
+    """temperature 0 (greedy), top_k 0 and penalties of 0 are settings, not absent fields (0 == False in Python:
+    they were dropped, and temperature 0 sampled at the default 0.2)."""
+    from lmsd.http.schemas import ChatRequest
+
+    body = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0, top_k=0,
+                       presence_penalty=0.0, seed=0)
+    params = body.sampling_params()
+    assert params["temperature"] == 0 and params["top_k"] == 0 and params["presence_penalty"] == 0 \
+        and params["seed"] == 0
+    assert "ignore_eos" not in params and "top_p" not in params

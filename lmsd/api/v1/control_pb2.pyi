@@ -243,6 +243,7 @@ class LoadRequest(_message.Message):
     IDENTIFIER_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     ESTIMATE_ONLY_FIELD_NUMBER: _builtins.int
+    PARALLEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """key, unique prefix, or path relative to the models folder"""
     ttl_seconds: _builtins.int
@@ -252,6 +253,8 @@ class LoadRequest(_message.Message):
     """0: the model's default"""
     estimate_only: _builtins.bool
     """answer with a MemoryEstimate and load nothing"""
+    parallel: _builtins.int
+    """requests decoded together; 0: the default_parallel setting"""
     def __init__(
         self,
         *,
@@ -260,10 +263,11 @@ class LoadRequest(_message.Message):
         identifier: _builtins.str = ...,
         context_length: _builtins.int = ...,
         estimate_only: _builtins.bool = ...,
+        parallel: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ttl_seconds", b"_ttl_seconds", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_seconds", b"_ttl_seconds", "context_length", b"context_length", "estimate_only", b"estimate_only", "identifier", b"identifier", "model", b"model", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_seconds", b"_ttl_seconds", "context_length", b"context_length", "estimate_only", b"estimate_only", "identifier", b"identifier", "model", b"model", "parallel", b"parallel", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ttl_seconds: _TypeAlias = _typing.Literal["ttl_seconds"]  # noqa: Y015
     _WhichOneofArgType__ttl_seconds: _TypeAlias = _typing.Literal["_ttl_seconds", b"_ttl_seconds"]  # noqa: Y015
@@ -466,6 +470,7 @@ class Settings(_message.Message):
     MAX_LOADED_MODELS_FIELD_NUMBER: _builtins.int
     LOAD_TIMEOUT_FIELD_NUMBER: _builtins.int
     MAX_WAIT_FIELD_NUMBER: _builtins.int
+    DEFAULT_PARALLEL_FIELD_NUMBER: _builtins.int
     jit: _builtins.bool
     auto_evict: _builtins.bool
     default_ttl: _builtins.int
@@ -484,6 +489,8 @@ class Settings(_message.Message):
     """seconds without progress before a load is killed"""
     max_wait: _builtins.int
     """seconds a request may wait for its model"""
+    default_parallel: _builtins.int
+    """requests one instance decodes together, unless its load says otherwise"""
     def __init__(
         self,
         *,
@@ -500,10 +507,11 @@ class Settings(_message.Message):
         max_loaded_models: _builtins.int = ...,
         load_timeout: _builtins.int = ...,
         max_wait: _builtins.int = ...,
+        default_parallel: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_set", b"api_key_set", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port", "settings_path", b"settings_path", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_set", b"api_key_set", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_parallel", b"default_parallel", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port", "settings_path", b"settings_path", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,6 +547,7 @@ class UpdateSettingsRequest(_message.Message):
     MAX_LOADED_MODELS_FIELD_NUMBER: _builtins.int
     LOAD_TIMEOUT_FIELD_NUMBER: _builtins.int
     MAX_WAIT_FIELD_NUMBER: _builtins.int
+    DEFAULT_PARALLEL_FIELD_NUMBER: _builtins.int
     jit: _builtins.bool
     auto_evict: _builtins.bool
     default_ttl: _builtins.int
@@ -552,6 +561,7 @@ class UpdateSettingsRequest(_message.Message):
     max_loaded_models: _builtins.int
     load_timeout: _builtins.int
     max_wait: _builtins.int
+    default_parallel: _builtins.int
     def __init__(
         self,
         *,
@@ -566,10 +576,11 @@ class UpdateSettingsRequest(_message.Message):
         max_loaded_models: _builtins.int | None = ...,
         load_timeout: _builtins.int | None = ...,
         max_wait: _builtins.int | None = ...,
+        default_parallel: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_load_timeout", b"_load_timeout", "_max_loaded_models", b"_max_loaded_models", "_max_wait", b"_max_wait", "_memory_limit", b"_memory_limit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_parallel", b"_default_parallel", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_load_timeout", b"_load_timeout", "_max_loaded_models", b"_max_loaded_models", "_max_wait", b"_max_wait", "_memory_limit", b"_memory_limit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_parallel", b"default_parallel", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_load_timeout", b"_load_timeout", "_max_loaded_models", b"_max_loaded_models", "_max_wait", b"_max_wait", "_memory_limit", b"_memory_limit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "_auto_evict", b"_auto_evict", "_bind", b"_bind", "_cors", b"_cors", "_default_parallel", b"_default_parallel", "_default_ttl", b"_default_ttl", "_jit", b"_jit", "_load_timeout", b"_load_timeout", "_max_loaded_models", b"_max_loaded_models", "_max_wait", b"_max_wait", "_memory_limit", b"_memory_limit", "_port", b"_port", "api_key", b"api_key", "auto_evict", b"auto_evict", "bind", b"bind", "cors", b"cors", "default_parallel", b"default_parallel", "default_ttl", b"default_ttl", "jit", b"jit", "load_timeout", b"load_timeout", "max_loaded_models", b"max_loaded_models", "max_wait", b"max_wait", "memory_limit", b"memory_limit", "port", b"port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__api_key: _TypeAlias = _typing.Literal["api_key"]  # noqa: Y015
     _WhichOneofArgType__api_key: _TypeAlias = _typing.Literal["_api_key", b"_api_key"]  # noqa: Y015
@@ -579,6 +590,8 @@ class UpdateSettingsRequest(_message.Message):
     _WhichOneofArgType__bind: _TypeAlias = _typing.Literal["_bind", b"_bind"]  # noqa: Y015
     _WhichOneofReturnType__cors: _TypeAlias = _typing.Literal["cors"]  # noqa: Y015
     _WhichOneofArgType__cors: _TypeAlias = _typing.Literal["_cors", b"_cors"]  # noqa: Y015
+    _WhichOneofReturnType__default_parallel: _TypeAlias = _typing.Literal["default_parallel"]  # noqa: Y015
+    _WhichOneofArgType__default_parallel: _TypeAlias = _typing.Literal["_default_parallel", b"_default_parallel"]  # noqa: Y015
     _WhichOneofReturnType__default_ttl: _TypeAlias = _typing.Literal["default_ttl"]  # noqa: Y015
     _WhichOneofArgType__default_ttl: _TypeAlias = _typing.Literal["_default_ttl", b"_default_ttl"]  # noqa: Y015
     _WhichOneofReturnType__jit: _TypeAlias = _typing.Literal["jit"]  # noqa: Y015
@@ -601,6 +614,8 @@ class UpdateSettingsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__bind) -> _WhichOneofReturnType__bind | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cors) -> _WhichOneofReturnType__cors | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__default_parallel) -> _WhichOneofReturnType__default_parallel | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_ttl) -> _WhichOneofReturnType__default_ttl | None: ...
     @_typing.overload
