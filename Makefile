@@ -56,8 +56,20 @@ lint: install
 	$(VENV)/bin/ruff check lmsd lmscli tests scripts bench
 	$(VENV)/bin/mypy lmsd lmscli
 
+# The benchmarks (docs/performance.md): bench_http.py (HTTP overhead, cold start), then bench_batching.py (lmsd
+# against in-process llama-cpp-python, llama_cpp.server and llama-server: single stream, 1-8 concurrent clients,
+# prompt cache). llama-server is measured when `make llama-server` has built it. `make bench BENCH_ARGS=--quick`
+# is a smoke run of the second.
+BENCH_ARGS ?=
 bench: install
 	$(PY) bench/bench_http.py
+	$(PY) bench/bench_batching.py --llama-server $(LMS_DEV_CACHE)/llama-server/$(LLAMA_VERSION)/llama-server $(BENCH_ARGS)
+
+# llama.cpp's llama-server from the llama.cpp that the pinned llama-cpp-python vendors, for `make bench`: built
+# once (20-25 minutes on 2 cores, under nice) into $(LMS_DEV_CACHE)/llama-server/$(LLAMA_VERSION)/, outside the repo.
+.PHONY: llama-server
+llama-server: install
+	@LMS_DEV_CACHE=$(LMS_DEV_CACHE) PY=$(PY) bash scripts/build_llama_server.sh $(LLAMA_VERSION)
 
 protos: install
 	$(PY) scripts/gen_protos.py

@@ -151,6 +151,7 @@ class Engine:
         parallel = max(1, min(int(msg.get("parallel") or 1), _PARALLEL_MAX))
         default_model_params = lib.llama_model_default_params
         default_context_params = lib.llama_context_default_params
+        init_from_model = lib.llama_init_from_model
 
         def model_params() -> Any:
             params = default_model_params()
@@ -165,10 +166,18 @@ class Engine:
                 params.kv_unified = True
             return params
 
-        # Llama() takes neither a progress callback nor a sequence count; it builds its parameters from these
-        # functions, so supply them for the duration of the load only.
+        def init_context(model: Any, params: Any) -> Any:
+            # Flash attention as llama-server decides it (`-fa auto`: on where the backend supports it): on the CPU it
+            # reads a long prompt about twice as fast and never materializes the attention scores. Llama() only
+            # knows on or off, and sets it just before this call.
+            params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO
+            return init_from_model(model, params)
+
+        # Llama() takes neither a progress callback, a sequence count nor "auto" flash attention; it builds its
+        # parameters from these functions, so supply them for the duration of the load only.
         lib.llama_model_default_params = model_params
         lib.llama_context_default_params = context_params
+        lib.llama_init_from_model = init_context
         try:
             started = time.perf_counter()
             self.path = msg["path"]
@@ -190,6 +199,7 @@ class Engine:
         finally:
             lib.llama_model_default_params = default_model_params
             lib.llama_context_default_params = default_context_params
+            lib.llama_init_from_model = init_from_model
         self.n_ctx = self.llm.n_ctx()
         self.embedding_model = embedding
         if not embedding:
