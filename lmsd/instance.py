@@ -64,6 +64,7 @@ class Worker(Protocol):
     """The daemon's handle on one worker process (lmsd.worker.handle.WorkerProcess, or a fake in tests)."""
 
     pid: int
+    parallel: int  # after a load: the requests it decodes together (0 before)
 
     def waiting(self) -> int:
         """Requests admitted by the scheduler that the worker holds until its KV cache has room (shown as queued)."""
@@ -122,8 +123,8 @@ class Ticket:
     identifier: str  # "" for the next free identifier
     context_length: int
     progress: ProgressFn | None
-    result: asyncio.Future[Instance]
-    parallel: int = 1  # the placed (loading) instance, or the refusal
+    result: asyncio.Future[Instance]  # the placed (loading) instance, or the refusal
+    parallel: int = 1  # requests the instance will run at once
     waiters: collections.deque[Waiter] = field(default_factory=collections.deque)  # JIT requests riding on it
     dropped: bool = False  # given up before it started (withdrawn, refused, served by another instance)
 

@@ -569,6 +569,8 @@ class Scheduler:
             await self._load_failed(inst, exc)
             return
         inst.context_length = n_ctx
+        # What the worker really runs at once: an embedding model embeds one request at a time.
+        inst.parallel = min(inst.parallel, inst.worker.parallel or inst.parallel)
         inst.load_deadline = None
         inst.idle_since = inst.last_used = self.clock()
         if inst.state == "loading":

@@ -5,7 +5,7 @@ llama-server's `--kv-unified` and LM Studio do: any sequence may use all of it, 
 Every step builds one `llama_batch`: first the next token of every sequence that is generating, then chunks
 of the prompts still being read, up to `n_batch` tokens, so a long prompt never stalls the streams already
 running. After the decode each sequence that has logits samples with its own llama.cpp sampler chain (bias,
-penalties, grammar, top-k/p, min-p, typical, temperature, seeded dist): no logits reach Python.
+penalties, grammar, top-k/p, min-p, temperature, seeded dist): no logits reach Python.
 
 KV cells. A request is admitted to a slot when its cells fit: its prompt plus `max_tokens` (or, without
 `max_tokens`, its prompt plus _GROWTH, beyond which it grows while there is room). Requests wait in arrival
@@ -34,6 +34,8 @@ from lmsd.worker.text import TextStream
 
 _GROWTH = 256  # cells reserved past the prompt for a request without max_tokens
 _PENALTY_LAST_N = 64  # tokens the repetition penalties look back on (llama-cpp-python's last_n_tokens_size)
+_NEVER = -1e9  # a logit bias that rules a token out unless nothing else is allowed
+_SIMILAR = 0.5  # a slot's cache is reused when it shares at least this part of the prompt (llama-server's 0.5)
 _PIECE = 64  # bytes of the buffer a token's text is written to (grown when a token needs more)
 
 Emit = Callable[[dict[str, Any]], None]
@@ -71,6 +73,7 @@ class Sequence:
     reused: int = -1  # prompt tokens found in the slot's cache (-1: not admitted yet)
     first_at: float | None = None
     slot: Slot | None = None
+    cancelled: bool = False
     said_queued: bool = False  # a "queued" event went out: a "running" one follows when it is admitted
 
 
@@ -92,6 +95,7 @@ class BatchEngine:
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.slots = [Slot(i) for i in range(llama_cpp.llama_n_seq_max(self.ctx))]
         self.waiting: list[Sequence] = []  # by arrival order
+        self.live: dict[str, Sequence] = {}  # request id -> every request not yet over
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._eog = set(self.eog)
@@ -111,8 +115,11 @@ class BatchEngine:
         else:
             text = str(params.get("prompt") or "")
             prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-            if not prompt:
-                prompt = [self.llm.token_bos()]
+        if not prompt:  # an empty prompt (or a chat template that renders nothing): the model starts from BOS
+            bos = self.llm.token_bos()
+            if bos < 0:
+                raise ValueError("the prompt is empty and this model has no beginning-of-text token to start from")
+            prompt = [bos]
         if len(prompt) >= self.n_ctx:
             raise ContextExceeded(f"the prompt is {len(prompt)} tokens long, more than the model's context length of "
                                   f"{self.n_ctx} tokens leaves room for; shorten it or load the model with a larger "
@@ -142,7 +149,9 @@ class BatchEngine:
             bias = {int(k): float(v) for k, v in (params.get("logit_bias") or {}).items()}
             bias = {t: b for t, b in bias.items() if 0 <= t < self.n_vocab}
             if params.get("ignore_eos"):
-                bias.update({t: float("-inf") for t in self.eog})
+                # Finite, not -inf: when a grammar allows nothing but the end, the end is still what is sampled
+                # (with every candidate at -inf llama.cpp would pick a token the grammar refuses, and abort).
+                bias.update({t: _NEVER for t in self.eog})
             if bias:
                 items = (lib.llama_logit_bias * len(bias))(*(lib.llama_logit_bias(t, b) for t, b in bias.items()))
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(bias), items))
@@ -151,7 +160,7 @@ class BatchEngine:
             present = float(params.get("presence_penalty", 0.0))
             if (repeat, freq, present) != (1.0, 0.0, 0.0):
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
-                    _PENALTY_LAST_N, repeat, freq, present))
+                    self.n_vocab, _PENALTY_LAST_N, repeat, freq, present))
             if grammar is not None:
                 g = lib.llama_sampler_init_grammar(self.vocab, grammar[0], grammar[1])
                 if not g:
@@ -176,6 +185,7 @@ class BatchEngine:
         return chain
 
     def _queue(self, seq: Sequence) -> None:
+        self.live[seq.rid] = seq
         bisect.insort(self.waiting, seq, key=lambda s: s.order)
 
     # ------------------------------------------------------------------ state
@@ -188,18 +198,25 @@ class BatchEngine:
         return sorted((s.seq for s in self.slots if s.seq is not None), key=lambda q: q.order)
 
     def _committed(self) -> int:
-        """Cells the running sequences hold: their reservation, or what they use once they have grown past it."""
-        return sum(max(s.seq.reserve, len(s.cached)) for s in self.slots if s.seq is not None)
+        """Cells the running sequences hold: their reservation, or what they use (with the token this step decodes)
+        once they have grown past it. Admission and the batch count alike, so nothing admitted is preempted at once."""
+        return sum(_holds(s.seq) for s in self.slots if s.seq is not None)
 
     def _idle_cached(self) -> int:
         return sum(len(s.cached) for s in self.slots if s.seq is None)
 
     # ------------------------------------------------------------------ one step
 
-    def step(self, cancelled: set[str]) -> None:
+    def cancel(self, rid: str) -> None:
+        """Marks a request cancelled; it ends at the next step (a request already over is no longer known)."""
+        seq = self.live.get(rid)
+        if seq is not None:
+            seq.cancelled = True
+
+    def step(self) -> None:
         """Ends what was cancelled, admits what fits, decodes one batch and samples from it."""
         for seq in [*self.waiting, *self.running()]:
-            if seq.rid in cancelled:
+            if seq.cancelled:
                 self._finish(seq, "cancelled")
         self._admit()
         for seq in self.waiting:  # the daemon counts these as queued, not running
@@ -211,7 +228,7 @@ class BatchEngine:
             return
         ret = self.lib.llama_decode(self.ctx, self.batch)
         if ret == 1 and self._make_room():
-            return  # no KV slot for this batch (cells are not contiguous enough): rebuilt smaller next step
+            return  # llama.cpp found no room for this batch: with cells freed, the next step builds it again
         if ret != 0:
             self._fail([seq for seq, _, _ in entries], f"llama_decode failed ({ret})")
             return
@@ -230,13 +247,13 @@ class BatchEngine:
             free = [s for s in self.slots if s.seq is None]
             if not free:
                 return
-            slot = max(free, key=lambda s: _slot_score(s, seq.tokens))
             reserve = seq.n_prompt + seq.limit if seq.bounded else \
                 min(seq.n_prompt + seq.limit, len(seq.tokens) + _GROWTH)
             reserve = max(reserve, len(seq.tokens))
             committed = self._committed()
             if committed + reserve > self.n_ctx:
                 return  # waits for running sequences to end; nobody overtakes it
+            slot = _choose_slot(free, seq.tokens)
             idle = sorted((s for s in free if s is not slot and s.cached), key=lambda s: s.last_used)
             spare = self.n_ctx - committed - reserve - sum(len(s.cached) for s in idle)
             for other in idle:  # least recently used caches make room first
@@ -244,7 +261,7 @@ class BatchEngine:
                     break
                 spare += len(other.cached)
                 self._drop(other)
-            keep = self._trim(slot, min(_common_prefix(slot.cached, seq.tokens), len(seq.tokens) - 1))
+            keep = self._trim(slot, max(0, min(_common_prefix(slot.cached, seq.tokens), len(seq.tokens) - 1)))
             self.waiting.pop(0)
             seq.reserve = reserve
             if seq.reused < 0:
@@ -276,14 +293,10 @@ class BatchEngine:
     def _build(self) -> list[tuple[Sequence, int, int]]:
         """Fills the batch: one token for each generating sequence, then prompt chunks. Returns (sequence, tokens
         added, batch index of its logits or -1)."""
-        while True:
-            running = self.running()
-            decoding = [q for q in running if len(q.tokens) - len(q.slot.cached) == 1]  # type: ignore[union-attr]
-            demand = sum(max(q.reserve, len(q.slot.cached) + int(q in decoding)) for q in running)  # type: ignore[union-attr,misc]
-            if demand + self._idle_cached() <= self.n_ctx:
-                break
-            if not self._make_room():
-                break
+        while self._committed() + self._idle_cached() > self.n_ctx and self._make_room():
+            pass
+        running = self.running()
+        decoding = [q for q in running if len(q.tokens) - len(q.slot.cached) == 1]  # type: ignore[union-attr]
         b = self.batch
         n = 0
         entries: list[tuple[Sequence, int, int]] = []
@@ -376,6 +389,7 @@ class BatchEngine:
             self.emit({"ev": "error", "id": seq.rid, "code": "internal_error", "message": message})
 
     def _release(self, seq: Sequence, now: float) -> None:
+        self.live.pop(seq.rid, None)
         if seq.slot is not None:
             seq.slot.seq = None
             seq.slot.last_used = now
@@ -385,6 +399,12 @@ class BatchEngine:
         if seq.sampler is not None:
             self.lib.llama_sampler_free(seq.sampler)
             seq.sampler = None
+
+    def reset(self, message: str) -> None:
+        """After a fault of ours: fails every request and empties every slot (their caches may not match the KV)."""
+        self._fail([*self.waiting, *self.running()], message)
+        for slot in self.slots:
+            self._drop(slot)
 
     def close(self) -> None:
         for seq in [*self.waiting, *self.running()]:
@@ -400,11 +420,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _slot_score(slot: Slot, tokens: list[int]) -> tuple[int, int, float]:
-    """Which free slot a request takes: the longest shared prefix; else an empty slot, else the least recently
-    used cache (so the caches most likely to be asked for again stay)."""
-    common = _common_prefix(slot.cached, tokens)
-    return common, 0 if common else -len(slot.cached), -slot.last_used
+def _choose_slot(free: list[Slot], tokens: list[int]) -> Slot:
+    """Which free slot a request takes: the one whose cache shares the longest prefix with it, when that is at
+    least half of its prompt (a chat resending its history); otherwise an empty slot, else the least recently used
+    cache — a BOS or a short common system prompt is no reason to overwrite another conversation's cache."""
+    common, best = max(((_common_prefix(s.cached, tokens), s) for s in free), key=lambda c: c[0])
+    if common and common >= _SIMILAR * len(tokens):
+        return best
+    empty = [s for s in free if not s.cached]
+    return empty[0] if empty else min(free, key=lambda s: s.last_used)
+
+
+def _holds(seq: Sequence) -> int:
+    """KV cells a running sequence counts for: its reservation, or what it uses with this step's token once it has
+    grown past it."""
+    slot = seq.slot
+    assert slot is not None
+    return max(seq.reserve, len(slot.cached) + int(len(seq.tokens) - len(slot.cached) == 1))
 
 
 def _chat_formatter(llm: Any) -> Any:

@@ -64,6 +64,7 @@ class WorkerProcess:
         self._progress: Callable[[float], None] | None = None
         self._requests: dict[str, _Request] = {}  # request id -> the request, until the worker reports its end
         self._waiting: set[str] = set()  # requests the worker holds until its KV cache has room for them
+        self.parallel = 0  # requests the loaded model decodes together, as the worker reports it
         self._exit_callbacks: list[Callable[[str], None]] = []
         self._stop_reason: str | None = None  # set when the daemon asked the worker to end
         self.exited = asyncio.Event()
@@ -201,6 +202,7 @@ class WorkerProcess:
                                  "`lms load MODEL --estimate-only` shows what it needs)")
             raise ModelLoadFailed(f"the worker loading {Path(path).name} {self.exit_why} "
                                   "(a corrupt or unsupported model file?)")
+        self.parallel = int(result.get("parallel") or 1)
         return int(result["n_ctx"])
 
     def generate(self, kind: str, params: dict[str, Any]) -> GenerateStream:

@@ -60,7 +60,6 @@ class Engine:
         self.chan = chan
         self.commands: queue.Queue[dict[str, Any]] = queue.Queue()
         self.embeds: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.cancelled: set[str] = set()  # request ids; set.add/discard are atomic under the GIL
         self.llm: Any = None
         self.batch: Any = None  # the BatchEngine, once an LLM is loaded
         self.embedder: Any = None  # a second context in embedding mode, for LLMs asked for embeddings
@@ -71,6 +70,14 @@ class Engine:
         self._loaded = threading.Event()
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException:  # noqa: BLE001 - without its engine the worker would hang every request: end it
+            print(traceback.format_exc()[-_LOG_MAX:], file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(70)
+
+    def _run(self) -> None:
         while True:
             busy = self.batch is not None and self.batch.busy
             try:
@@ -85,16 +92,14 @@ class Engine:
                     msg = None
             if self.batch is not None and self.batch.busy:
                 try:
-                    self.batch.step(self.cancelled)
+                    self.batch.step()
                 except Exception:  # noqa: BLE001 - a fault of ours fails what runs now, never the worker
                     print(traceback.format_exc()[-_LOG_MAX:], file=sys.stderr)
-                    self.batch._fail([*self.batch.waiting, *self.batch.running()], "internal error in the worker")
+                    self.batch.reset("internal error in the worker")
             self._flush()
 
     def _emit(self, event: dict[str, Any]) -> None:
         self._events.append(event)
-        if event["ev"] in ("done", "error"):
-            self.cancelled.discard(event["id"])
 
     def _flush(self) -> None:
         """One write for everything a step produced: a token for each stream at once."""
@@ -109,6 +114,9 @@ class Engine:
                 self.load(msg)
             elif op == "generate":
                 self.generate(msg)
+            elif op == "cancel":
+                if self.batch is not None:
+                    self.batch.cancel(str(msg.get("id", "")))
             elif op == "embed":
                 self.embeds.put(msg)
             else:
@@ -327,10 +335,9 @@ def main() -> None:
         op = msg.get("op")
         if op == "shutdown":
             break
-        if op == "cancel":
-            engine.cancelled.add(msg.get("id", ""))
-        else:
-            engine.commands.put(msg)
+        # A cancel goes through the same queue, after the generate it cancels: the engine sees them in order and
+        # forgets a cancel for a request already over.
+        engine.commands.put(msg)
     # The daemon asked us to stop, or is gone (stdin closed): exit now, whatever the engine is doing.
     sys.stderr.flush()
     os._exit(0)

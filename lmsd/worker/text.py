@@ -2,8 +2,9 @@
 
 A token's bytes may end inside a UTF-8 character (the rest comes with the next token), and a stop string may
 span several tokens. `TextStream` holds back exactly what it must — an incomplete character, or a tail that
-could still become a stop string — and nothing more, so a stream's pieces joined are the text a non-streamed
-answer has. Bytes that can never be UTF-8 become U+FFFD, as llama-server does, and the stream goes on.
+could still become a stop string — and nothing more, so however the bytes are split into tokens, the pieces
+joined are the text up to the first stop string (the one that begins first; of two, `["ab.", "b"]` on "ab.",
+"ab." wins). Bytes that can never be UTF-8 become U+FFFD, as llama-server does, and the stream goes on.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ class TextStream:
             self._held = ""
             return held
         # The held text is shorter than the longest stop string, so searching all of it costs little.
-        cut = min((i for i in (held.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        cut = _first_stop(held, self.stops)
+        # A stop string that begins before `cut` but is not complete yet may still turn out to be the first one.
+        start = self._partial(held)
+        if 0 <= cut <= start:
             self.stopped = True
             self._held = ""
             return held[:cut]
-        keep = self._partial(held)
-        self._held = held[len(held) - keep:] if keep else ""
-        return held[:len(held) - keep]
+        self._held = held[start:]
+        return held[:start]
 
     def finish(self) -> str:
         """What is still held when the generation ends for another reason (length, end of text, cancel)."""
@@ -43,17 +45,22 @@ class TextStream:
             return ""
         rest = self._held + self._utf8.decode(b"", final=True)
         self._held = ""
-        if self.stops:
-            cut = min((i for i in (rest.find(s) for s in self.stops) if i >= 0), default=-1)
-            if cut >= 0:  # an incomplete character turned into U+FFFD may complete a stop string
-                self.stopped = True
-                return rest[:cut]
+        cut = _first_stop(rest, self.stops)
+        if cut >= 0:  # held back for a longer stop string that never came, or completed by a U+FFFD
+            self.stopped = True
+            return rest[:cut]
         return rest
 
     def _partial(self, text: str) -> int:
-        """The length of the longest tail of `text` that is the beginning of a stop string."""
-        for n in range(min(len(text), self._longest - 1), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0
+        """Where the longest tail of `text` that begins a stop string (without completing it) starts; len(text)
+        when there is none."""
+        for i in range(max(0, len(text) - self._longest + 1), len(text)):
+            tail = text[i:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self.stops):
+                return i
+        return len(text)
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Where the first stop string in `text` begins, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)

@@ -57,3 +57,13 @@ def test_held_text_comes_out_when_the_generation_ends_otherwise() -> None:
     stream = TextStream(["stop here"])
     assert stream.feed(b"we stop") == "we "
     assert stream.finish() == "stop"
+
+
+def test_a_longer_stop_string_that_begins_first_wins_however_the_tokens_split() -> None:
+    """Found in review: stops "ab." and "b" on "ab." gave "a" or "" depending on where a token ended."""
+    for chunks in ([b"ab", b"."], [b"ab."], [b"a", b"b", b"."]):
+        stream = TextStream(["ab.", "b"])
+        assert "".join(stream.feed(c) for c in chunks) + stream.finish() == ""
+    stream = TextStream(["ab.", "b"])
+    assert stream.feed(b"ab") == "" and stream.feed(b"c") == "a"  # "ab." did not come: "b" stops at 1
+    assert stream.stopped
