@@ -27,7 +27,7 @@ import openai
 client = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="not-needed")
 reply = client.chat.completions.create(
     model="smollm2-135m-instruct",
-    messages=[{"role": "system", "content": "You are helpful."},
+    messages=[{"role": "system", "content": "Answer in one word."},
               {"role": "user", "content": "What is the capital of France?"}],
     temperature=0, max_tokens=30, extra_body={"ttl": 3600},
 )
