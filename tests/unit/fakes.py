@@ -75,7 +75,9 @@ class FakeWorker:
         self._ended = asyncio.Event()  # stopped or crashed
 
     def waiting(self) -> int:
-        return 0
+        return self.held_for_room
+
+    held_for_room = 0  # requests the (fake) worker holds until its KV cache has room
 
     async def load(self, path: str, context_length: int, progress: Callable[[float], None], *,
                    embedding: bool = False, parallel: int = 1) -> int:

@@ -292,3 +292,21 @@ async def test_request_by_prefix_uses_the_loaded_instance(env: Env) -> None:
     env.scheduler.release(lease)
     entry, n_ctx, loaded = await env.scheduler.target("smol")
     assert (entry.key, loaded) == ("smollm2-135m-instruct", True)
+
+
+async def test_parallel_requests_run_at_once_and_those_the_worker_holds_for_room_show_as_queued(env: Env) -> None:
+    inst = await env.scheduler.load("alpha", parallel=3)
+    assert inst.parallel == 3 and inst.worker is not None and inst.worker.parallel == 3
+    leases = [await env.scheduler.acquire("alpha") for _ in range(3)]  # three slots: nobody waits
+    waiting = asyncio.ensure_future(env.scheduler.acquire("alpha"))
+    await settle()
+    view = env.scheduler.view(inst)
+    assert (view.in_flight, view.queued, view.status) == (3, 1, "busy")
+    inst.worker.held_for_room = 1  # type: ignore[attr-defined]  # the worker's KV cache has room for two of them
+    view = env.scheduler.view(inst)
+    assert (view.in_flight, view.queued, view.parallel) == (2, 2, 3)
+    inst.worker.held_for_room = 0  # type: ignore[attr-defined]
+    env.scheduler.release(leases[0])
+    assert (await waiting).instance is inst
+    with pytest.raises(InvalidArgument):
+        await env.scheduler.load("beta", parallel=65)
