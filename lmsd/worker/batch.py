@@ -406,11 +406,6 @@ class BatchEngine:
         for slot in self.slots:
             self._drop(slot)
 
-    def close(self) -> None:
-        for seq in [*self.waiting, *self.running()]:
-            self._release(seq, self.clock())
-        self.lib.llama_batch_free(self.batch)
-
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))

@@ -63,7 +63,6 @@ class Engine:
         self.llm: Any = None
         self.batch: Any = None  # the BatchEngine, once an LLM is loaded
         self.embedder: Any = None  # a second context in embedding mode, for LLMs asked for embeddings
-        self.embedding_model = False
         self.path = ""
         self.n_ctx = 0
         self._events: list[dict[str, Any]] = []
@@ -99,7 +98,7 @@ class Engine:
             self._flush()
 
     def _emit(self, event: dict[str, Any]) -> None:
-        self._events.append(event)
+        self._events.append(event)  # not a bound `append`: _flush swaps the list
 
     def _flush(self) -> None:
         """One write for everything a step produced: a token for each stream at once."""
@@ -209,7 +208,6 @@ class Engine:
             lib.llama_context_default_params = default_context_params
             lib.llama_init_from_model = init_from_model
         self.n_ctx = self.llm.n_ctx()
-        self.embedding_model = embedding
         if not embedding:
             self.batch = BatchEngine(self.llm, self._emit)
         self._loaded.set()
