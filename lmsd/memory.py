@@ -13,6 +13,8 @@ f16 KV cache, no flash attention, n_batch = n_ubatch = 512):
   the whole context), plus the CPU backend's work buffer, where the attention scores are converted to f16 before
   they multiply V. Both are touched only by a long prompt: a fresh instance shows little of it.
 - overhead: the worker's Python interpreter with llama_cpp imported, and llama.cpp's tokenizer tables.
+- prompt_cache: with more than one parallel sequence, idle conversations' KV cells are moved to RAM while other
+  requests run (lmsd/worker/batch.py), at most a context's worth of cells: as much again as kv_cache.
 
 tests/integration/test_memory_real.py measures real workers against it (run it with -s for the table).
 Cheap to import (the daemon and the CLI both use it): no llama_cpp, no fastapi; psutil only when asked.
@@ -66,14 +68,16 @@ class Estimate:
     kv_cache: int
     compute: int
     overhead: int
+    prompt_cache: int = 0
 
     @property
     def total(self) -> int:
-        return min(_MAX_ESTIMATE, self.weights + self.kv_cache + self.compute + self.overhead)
+        return min(_MAX_ESTIMATE, self.weights + self.kv_cache + self.compute + self.overhead + self.prompt_cache)
 
 
-def estimate(entry: ModelEntry, context_length: int) -> Estimate:
-    """The memory loading `entry` with a context of `context_length` tokens will take, by part.
+def estimate(entry: ModelEntry, context_length: int, parallel: int = 1) -> Estimate:
+    """The memory loading `entry` with a context of `context_length` tokens and `parallel` sequences will take,
+    by part.
 
     context_length <= 0 means what the worker does with 0: the model's training context. Header facts the catalog
     could not read (0) are replaced by conservative assumptions, never by smaller ones.
@@ -81,16 +85,18 @@ def estimate(entry: ModelEntry, context_length: int) -> Estimate:
     n_ctx = context_length if context_length > 0 else entry.max_context_length or _UNKNOWN_CONTEXT
     n_ctx = min(_MAX_CONTEXT, -(-n_ctx // _CTX_PAD) * _CTX_PAD)
     weights = max(0, entry.size_bytes)
+    kv_cache = min(_MAX_ESTIMATE, _kv_cache(entry, n_ctx, weights))
     return Estimate(
         weights=min(_MAX_ESTIMATE, weights),
-        kv_cache=min(_MAX_ESTIMATE, _kv_cache(entry, n_ctx, weights)),
+        kv_cache=kv_cache,
         compute=min(_MAX_ESTIMATE, _compute(entry, n_ctx)),
         overhead=WORKER_BASE + (entry.n_vocab or _UNKNOWN_VOCAB) * PER_VOCAB_TOKEN,
+        prompt_cache=kv_cache if parallel > 1 else 0,
     )
 
 
-def estimate_bytes(entry: ModelEntry, context_length: int) -> int:
-    return estimate(entry, context_length).total
+def estimate_bytes(entry: ModelEntry, context_length: int, parallel: int = 1) -> int:
+    return estimate(entry, context_length, parallel).total
 
 
 def _kv_cache(entry: ModelEntry, n_ctx: int, file_size: int) -> int:

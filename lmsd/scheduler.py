@@ -63,7 +63,7 @@ from lmsd.instance import (
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
-Estimator = Callable[[ModelEntry, int], int]
+Estimator = Callable[[ModelEntry, int, int], int]  # (model, context length, parallel) -> bytes
 
 
 @dataclass(frozen=True)
@@ -173,11 +173,11 @@ class Scheduler:
         held = sum(i.worker.private_memory_bytes() for i in self._instances.values() if i.worker is not None)
         return max(0, self.available_memory() + held - memory.safety_margin_bytes(memory.system_total_bytes()))
 
-    async def estimate_load(self, model: str, context_length: int = 0) -> LoadEstimate:
+    async def estimate_load(self, model: str, context_length: int = 0, parallel: int = 0) -> LoadEstimate:
         """What loading `model` (as `lms load` would) takes and whether it fits now, without loading anything."""
         entry = await self._resolve(model)
         ctx = self._check_context(entry, context_length)
-        estimate = self._accounted(entry, ctx)
+        estimate = self._accounted(entry, ctx, self._check_parallel(parallel))
         settings = self.settings()
         budget = self.budget()
         decision = placement.decide(list(self._instances.values()), key=entry.key, origin="manual",
@@ -192,8 +192,8 @@ class Scheduler:
         return LoadEstimate(entry.key, ctx, estimate, budget, self.available_memory(), decision.refusal is None,
                             detail)
 
-    def _accounted(self, entry: ModelEntry, context_length: int) -> int:
-        return max(self.estimate(entry, context_length), self._measured.get(entry, context_length))
+    def _accounted(self, entry: ModelEntry, context_length: int, parallel: int) -> int:
+        return max(self.estimate(entry, context_length, parallel), self._measured.get(entry, context_length))
 
     # ---------------------------------------------------------------- events
 
@@ -464,7 +464,7 @@ class Scheduler:
                     "another"), pump=False)
                 continue
             settings = self.settings()
-            estimate = self._accounted(ticket.entry, ticket.context_length)
+            estimate = self._accounted(ticket.entry, ticket.context_length, ticket.parallel)
             decision = placement.decide(
                 list(self._instances.values()), key=ticket.entry.key, origin=ticket.origin, estimate=estimate,
                 auto_evict=settings.auto_evict, max_loaded=settings.max_loaded_models, budget=self.budget())

@@ -63,7 +63,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         if request.estimate_only:
             try:
-                est = await self.scheduler.estimate_load(request.model, request.context_length)
+                est = await self.scheduler.estimate_load(request.model, request.context_length, request.parallel)
             except LmsError as exc:
                 await _abort(context, exc)
                 return

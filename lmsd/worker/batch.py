@@ -18,6 +18,11 @@ recompute preemption). The oldest sequence can always go on, so the engine never
 Prompt cache. A finished request's tokens stay in its slot's cells. A new request takes the free slot whose
 cache shares the longest prefix with its prompt, removes only the cells after that prefix, and reads only the
 rest (llama-server's `cache_prompt`); `prompt_cached_tokens` in its `done` event says how many it reused.
+An idle slot's cache stays in the KV cache only while nothing runs: every decode attends over every cell up to
+the highest one in use, so another conversation's idle cells would slow each token of the running ones (and
+a long prompt's reading) for nothing. Once anything runs, idle caches move to RAM (llama_state_seq_get_data),
+at most a context's worth of cells in all (the least recently used go first), and come back
+(llama_state_seq_set_data) when a request continues that conversation — as llama-server's `--cache-ram` does.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Slot:
     cached: list[int] = field(default_factory=list)
     seq: Sequence | None = None
     last_used: float = 0.0
+    parked: Any = None  # its cache's cells copied out to RAM (a ctypes array): then it has none in the KV cache
 
 
 @dataclass(eq=False)
@@ -203,7 +209,13 @@ class BatchEngine:
         return sum(_holds(s.seq) for s in self.slots if s.seq is not None)
 
     def _idle_cached(self) -> int:
-        return sum(len(s.cached) for s in self.slots if s.seq is None)
+        return sum(len(s.cached) for s in self._idle_in_kv())
+
+    def _idle_in_kv(self) -> list[Slot]:
+        return [s for s in self.slots if s.seq is None and s.cached and s.parked is None]
+
+    def _in_kv(self) -> int:
+        return sum(len(s.cached) for s in self.slots if s.parked is None)
 
     # ------------------------------------------------------------------ one step
 
@@ -219,6 +231,9 @@ class BatchEngine:
             if seq.cancelled:
                 self._finish(seq, "cancelled")
         self._admit()
+        if self.running():
+            for slot in self._idle_in_kv():
+                self._park(slot)
         for seq in self.waiting:  # the daemon counts these as queued, not running
             if not seq.said_queued:
                 seq.said_queued = True
@@ -254,14 +269,13 @@ class BatchEngine:
             if committed + reserve > self.n_ctx:
                 return  # waits for running sequences to end; nobody overtakes it
             slot = _choose_slot(free, seq.tokens)
-            idle = sorted((s for s in free if s is not slot and s.cached), key=lambda s: s.last_used)
-            spare = self.n_ctx - committed - reserve - sum(len(s.cached) for s in idle)
-            for other in idle:  # least recently used caches make room first
-                if spare >= 0:
-                    break
-                spare += len(other.cached)
-                self._drop(other)
-            keep = self._trim(slot, max(0, min(_common_prefix(slot.cached, seq.tokens), len(seq.tokens) - 1)))
+            for other in self._idle_in_kv():  # from now on something runs
+                if other is not slot:
+                    self._park(other)
+            keep = max(0, min(_common_prefix(slot.cached, seq.tokens), len(seq.tokens) - 1))
+            if slot.parked is not None:
+                self._unpark(slot, keep)
+            keep = self._trim(slot, keep)
             self.waiting.pop(0)
             seq.reserve = reserve
             if seq.reused < 0:
@@ -273,6 +287,7 @@ class BatchEngine:
 
     def _trim(self, slot: Slot, keep: int) -> int:
         """Keeps the first `keep` cells of a slot's cache; returns how many it really kept."""
+        keep = min(keep, len(slot.cached))
         if keep < len(slot.cached):
             ok = self.lib.llama_memory_seq_rm(self.mem, slot.seq_id, keep, -1)
             # A cache that cannot be cut there (recurrent state), or lacks the start of its prefix (a sliding window
@@ -287,8 +302,33 @@ class BatchEngine:
         return keep
 
     def _drop(self, slot: Slot) -> None:
-        self.lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        if slot.parked is None:
+            self.lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.parked = None
         slot.cached.clear()
+
+    def _park(self, slot: Slot) -> None:
+        """Moves an idle slot's cache out of the KV cache into RAM; the least recently used parked caches make room
+        (at most n_ctx cells in RAM in all); a cache that cannot be copied out is dropped."""
+        parked = sorted((s for s in self.slots if s.parked is not None), key=lambda s: s.last_used)
+        while parked and sum(len(s.cached) for s in parked) + len(slot.cached) > self.n_ctx:
+            self._drop(parked.pop(0))
+        size = self.lib.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        data = (ctypes.c_uint8 * size)() if size > 0 else None
+        if data is None or self.lib.llama_state_seq_get_data(self.ctx, data, size, slot.seq_id) != size:
+            self._drop(slot)
+            return
+        self.lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.parked = data
+
+    def _unpark(self, slot: Slot, keep: int) -> None:
+        """Brings a parked cache back into the KV cache when `keep` of its cells are worth having (and fit), else
+        forgets it."""
+        data, slot.parked = slot.parked, None
+        fits = len(slot.cached) <= self.n_ctx - self._in_kv()
+        if not keep or not fits or self.lib.llama_state_seq_set_data(self.ctx, data, len(data), slot.seq_id) == 0:
+            self.lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)  # set_data may have failed half-way
+            slot.cached.clear()
 
     def _build(self) -> list[tuple[Sequence, int, int]]:
         """Fills the batch: one token for each generating sequence, then prompt chunks. Returns (sequence, tokens
@@ -300,7 +340,7 @@ class BatchEngine:
         b = self.batch
         n = 0
         entries: list[tuple[Sequence, int, int]] = []
-        free = self.n_ctx - sum(len(s.cached) for s in self.slots)
+        free = self.n_ctx - self._in_kv()
         prefilling = [q for q in running if q not in decoding]
         for q in [*decoding, *prefilling]:  # every generating sequence gets its token before any prompt is read
             slot = q.slot
@@ -327,7 +367,7 @@ class BatchEngine:
 
     def _make_room(self) -> bool:
         """Frees cells: the least recently used idle cache, else the youngest running sequence (preempted)."""
-        idle = [s for s in self.slots if s.seq is None and s.cached]
+        idle = self._idle_in_kv()
         if idle:
             self._drop(min(idle, key=lambda s: s.last_used))
             return True

@@ -133,6 +133,26 @@ async def test_an_unrelated_request_does_not_overwrite_a_conversation_in_the_cac
     assert second.done["prompt_cached_tokens"] >= first.done["prompt_tokens"] - 1
 
 
+async def test_a_conversation_moved_to_ram_while_another_ran_comes_back_intact(smol: WorkerProcess) -> None:
+    """An idle conversation's cache leaves the KV cache while another request runs (so it does not slow that one
+    down) and is copied back when the conversation goes on: the reply is the one its cache gave before."""
+    history = [{"role": "system", "content": "You answer questions about the sea. " * 15},
+               {"role": "user", "content": "Name an ocean."}]
+    params = {"messages": history, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    await run(smol, "chat", params)
+    in_kv = await run(smol, "chat", params)  # nothing ran in between: served from the cells in the KV cache
+    other_run = Run()
+    other = asyncio.ensure_future(run(smol, "completion", greedy("Count from one to fifty: one, two,", 40),
+                                      into=other_run))
+    while not other_run.text:
+        await asyncio.sleep(0.01)
+    from_ram = await run(smol, "chat", params)  # arrives while the other runs: its cache was moved out, comes back
+    await other
+    assert other_run.done_at > from_ram.done_at, "the other request was over before the conversation went on"
+    assert from_ram.done["prompt_cached_tokens"] == in_kv.done["prompt_cached_tokens"] >= 100
+    assert from_ram.text == in_kv.text
+
+
 async def test_usage_is_exact_under_batching(smol: WorkerProcess) -> None:
     alone = {p: (await run(smol, "completion", greedy(p, 1))).done["prompt_tokens"] for p in PROMPTS}
     lengths = [7, 19, 33, 50]

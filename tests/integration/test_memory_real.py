@@ -65,13 +65,14 @@ async def test_estimate_covers_what_llama_cpp_really_takes(model: str, n_ctx: in
                                                            request: pytest.FixtureRequest) -> None:
     path: Path = request.getfixturevalue(model)
     entry = entry_of(path, tmp_path)
-    est = estimate(entry, n_ctx)
+    est = estimate(entry, n_ctx, parallel=2)
     worker = await WorkerProcess.spawn(tmp_path / "workers.log")
     try:
         idle = worker.memory_bytes()
-        assert await worker.load(str(path), n_ctx, lambda f: None) == n_ctx
+        assert await worker.load(str(path), n_ctx, lambda f: None, parallel=2) == n_ctx
         loaded = worker.memory_bytes()
-        short = await drain(worker, {"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        short = await drain(worker, {"prompt": "Hello there, tell me a story about a cat.", "max_tokens": 4, "temperature": 0,
+                                            "ignore_eos": True})
         assert short["completion_tokens"] >= 1
         after_short = worker.memory_bytes()
         # A prompt that fills most of the context: full micro-batches of 512 tokens against a long KV cache, the
@@ -79,6 +80,11 @@ async def test_estimate_covers_what_llama_cpp_really_takes(model: str, n_ctx: in
         full = await drain(worker, {"prompt": " hello" * (n_ctx - 64), "max_tokens": 8, "temperature": 0})
         assert full["prompt_tokens"] > n_ctx * 3 // 4, full
         after_full = worker.memory_bytes()
+        # The short prompt again: it goes on in its own slot, and the long one's idle cells move to RAM meanwhile.
+        again = await drain(worker, {"prompt": "Hello there, tell me a story about a cat.", "max_tokens": 4, "temperature": 0,
+                                            "ignore_eos": True})
+        assert again["prompt_cached_tokens"] >= 1, again
+        parked = worker.memory_bytes()
         peak = peak_rss(worker.pid)
     except BaseException:
         log = tmp_path / "workers.log"
@@ -86,12 +92,12 @@ async def test_estimate_covers_what_llama_cpp_really_takes(model: str, n_ctx: in
         raise
     finally:
         await worker.stop("test over")
-    measured = max(loaded, after_short, after_full, peak)
+    measured = max(loaded, after_short, after_full, parked, peak)
     print(
         f"\n{entry.key:24} n_ctx {n_ctx:5}  RSS MiB: idle {mib(idle)} loaded {mib(loaded)} "
-        f"short {mib(after_short)} full {mib(after_full)} peak {mib(peak)}  |  estimate {mib(est.total)} = "
+        f"short {mib(after_short)} full {mib(after_full)} parked {mib(parked)} peak {mib(peak)}  |  estimate {mib(est.total)} = "
         f"weights {mib(est.weights)} + kv {mib(est.kv_cache)} + compute {mib(est.compute)} "
-        f"+ overhead {mib(est.overhead)}  |  ratio {est.total / measured:.2f}"
+        f"+ overhead {mib(est.overhead)} + prompt cache {mib(est.prompt_cache)}  |  ratio {est.total / measured:.2f}"
     )
     assert est.total >= measured, "the estimate is below what the worker really took"
     assert est.total <= 3 * measured + 64 * MiB, "the estimate is absurdly above what the worker took"

@@ -39,7 +39,7 @@ class Env:
         self.catalog = StaticCatalog(["alpha", "beta", "gamma", "corrupt", "corrupt-header", "smollm2-135m-instruct"])
         self.scheduler = Scheduler(self.catalog, self.workers, lambda: self.settings, clock=self.clock,
                                    wall_clock=self.clock, max_queue=3, offload=inline,
-                                   estimate=lambda entry, ctx: self.sizes.get(entry.key, GB),
+                                   estimate=lambda entry, ctx, parallel: self.sizes.get(entry.key, GB),
                                    available_memory=lambda: self.available)
 
 

@@ -360,7 +360,7 @@ async def test_measured_memory_survives_a_restart(env: Env, tmp_path: object) ->
     env.scheduler._measured = Measurements(path)
     env.workers.rss = 3 * GB
     await env.scheduler.load("alpha")
-    again = Scheduler(env.catalog, env.workers, lambda: env.settings, estimate=lambda e, c: GB,
+    again = Scheduler(env.catalog, env.workers, lambda: env.settings, estimate=lambda e, c, p: GB,
                       available_memory=lambda: 1 << 50, measurements=Measurements(path))
     assert (await again.estimate_load("alpha")).estimated_memory_bytes == 3 * GB
     path.write_text("{not json")

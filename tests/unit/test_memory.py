@@ -150,6 +150,13 @@ def test_kv_cache_is_f16_k_and_v_per_layer_and_token() -> None:
     assert e.total == e.weights + e.kv_cache + e.compute + e.overhead == estimate_bytes(llama_like(), 4096)
 
 
+def test_parallel_sequences_count_a_second_kv_cache_for_the_conversations_kept_in_ram() -> None:
+    alone, shared = estimate(llama_like(), 4096, parallel=1), estimate(llama_like(), 4096, parallel=4)
+    assert alone.prompt_cache == 0
+    assert shared.prompt_cache == shared.kv_cache == alone.kv_cache
+    assert shared.total == alone.total + alone.kv_cache == estimate_bytes(llama_like(), 4096, 4)
+
+
 def test_kv_cache_grows_linearly_with_the_context() -> None:
     kv = {n: estimate(llama_like(), n).kv_cache for n in (1024, 2048, 4096, 8192)}
     assert kv[2048] == 2 * kv[1024] and kv[4096] == 4 * kv[1024] and kv[8192] == 8 * kv[1024]

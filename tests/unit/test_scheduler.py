@@ -271,7 +271,7 @@ async def test_ttl_timer_driver_wakes_at_the_deadline() -> None:
     from tests.unit.conftest import StaticCatalog
     from tests.unit.fakes import FakeWorkerFactory
 
-    sched = Scheduler(StaticCatalog(["alpha"]), FakeWorkerFactory(), Settings, estimate=lambda e, c: 1)
+    sched = Scheduler(StaticCatalog(["alpha"]), FakeWorkerFactory(), Settings, estimate=lambda e, c, p: 1)
     driver = asyncio.create_task(sched.run_timer())
     await sched.load("alpha", ttl=1)
     sched.instances()[0].ttl = 0  # type: ignore[assignment]  # force "due now" without waiting a second
