@@ -232,8 +232,8 @@ class BatchEngine:
                 self._finish(seq, "cancelled")
         self._admit()
         if self.running():
-            for slot in self._idle_in_kv():
-                self._park(slot)
+            for idle in self._idle_in_kv():
+                self._park(idle)
         for seq in self.waiting:  # the daemon counts these as queued, not running
             if not seq.said_queued:
                 seq.said_queued = True

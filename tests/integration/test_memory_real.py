@@ -58,6 +58,9 @@ async def test_an_idle_worker_fits_the_overhead(tmp_path: Path) -> None:
     assert 0 < idle <= WORKER_BASE
 
 
+# A short prompt that still has a prefix to reuse (a single-token prompt has none: its last token is always read)
+SHORT = {"prompt": "Hello there, tell me a story about a cat.", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+
 @pytest.mark.smollm2
 @pytest.mark.parametrize("n_ctx", [512, 4096])
 @pytest.mark.parametrize("model", ["tiny_file", "smollm2_file"])
@@ -71,8 +74,7 @@ async def test_estimate_covers_what_llama_cpp_really_takes(model: str, n_ctx: in
         idle = worker.memory_bytes()
         assert await worker.load(str(path), n_ctx, lambda f: None, parallel=2) == n_ctx
         loaded = worker.memory_bytes()
-        short = await drain(worker, {"prompt": "Hello there, tell me a story about a cat.", "max_tokens": 4, "temperature": 0,
-                                            "ignore_eos": True})
+        short = await drain(worker, SHORT)
         assert short["completion_tokens"] >= 1
         after_short = worker.memory_bytes()
         # A prompt that fills most of the context: full micro-batches of 512 tokens against a long KV cache, the
@@ -81,8 +83,7 @@ async def test_estimate_covers_what_llama_cpp_really_takes(model: str, n_ctx: in
         assert full["prompt_tokens"] > n_ctx * 3 // 4, full
         after_full = worker.memory_bytes()
         # The short prompt again: it goes on in its own slot, and the long one's idle cells move to RAM meanwhile.
-        again = await drain(worker, {"prompt": "Hello there, tell me a story about a cat.", "max_tokens": 4, "temperature": 0,
-                                            "ignore_eos": True})
+        again = await drain(worker, SHORT)
         assert again["prompt_cached_tokens"] >= 1, again
         parked = worker.memory_bytes()
         peak = peak_rss(worker.pid)
@@ -95,9 +96,10 @@ async def test_estimate_covers_what_llama_cpp_really_takes(model: str, n_ctx: in
     measured = max(loaded, after_short, after_full, parked, peak)
     print(
         f"\n{entry.key:24} n_ctx {n_ctx:5}  RSS MiB: idle {mib(idle)} loaded {mib(loaded)} "
-        f"short {mib(after_short)} full {mib(after_full)} parked {mib(parked)} peak {mib(peak)}  |  estimate {mib(est.total)} = "
-        f"weights {mib(est.weights)} + kv {mib(est.kv_cache)} + compute {mib(est.compute)} "
-        f"+ overhead {mib(est.overhead)} + prompt cache {mib(est.prompt_cache)}  |  ratio {est.total / measured:.2f}"
+        f"short {mib(after_short)} full {mib(after_full)} parked {mib(parked)} peak {mib(peak)}  |  "
+        f"estimate {mib(est.total)} = weights {mib(est.weights)} + kv {mib(est.kv_cache)} + compute {mib(est.compute)} "
+        f"+ overhead {mib(est.overhead)} + prompt cache {mib(est.prompt_cache)}  |  "
+        f"ratio {est.total / measured:.2f}"
     )
     assert est.total >= measured, "the estimate is below what the worker really took"
     assert est.total <= 3 * measured + 64 * MiB, "the estimate is absurdly above what the worker took"
