@@ -193,6 +193,8 @@ class Scheduler:
                             detail)
 
     def _accounted(self, entry: ModelEntry, context_length: int, parallel: int) -> int:
+        if entry.type == "embedding":
+            parallel = 1  # embeddings run one request at a time on their own context: no slots, no prompt cache
         return max(self.estimate(entry, context_length, parallel), self._measured.get(entry, context_length))
 
     # ---------------------------------------------------------------- events

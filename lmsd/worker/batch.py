@@ -22,7 +22,8 @@ An idle slot's cache stays in the KV cache only while nothing runs: every decode
 the highest one in use, so another conversation's idle cells would slow each token of the running ones (and
 a long prompt's reading) for nothing. Once anything runs, idle caches move to RAM (llama_state_seq_get_data),
 at most a context's worth of cells in all (the least recently used go first), and come back
-(llama_state_seq_set_data) when a request continues that conversation — as llama-server's `--cache-ram` does.
+(llama_state_seq_set_data) when a request continues that conversation — like llama-server's `--cache-ram`, but
+per slot: each slot keeps one conversation, in the KV cache or in RAM.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ class BatchEngine:
             slot = _choose_slot(free, seq.tokens)
             for other in self._idle_in_kv():  # from now on something runs
                 if other is not slot:
-                    self._park(other)
+                    self._park(other, keep=slot)
             keep = max(0, min(_common_prefix(slot.cached, seq.tokens), len(seq.tokens) - 1))
             if slot.parked is not None:
                 self._unpark(slot, keep)
@@ -307,14 +308,20 @@ class BatchEngine:
         slot.parked = None
         slot.cached.clear()
 
-    def _park(self, slot: Slot) -> None:
-        """Moves an idle slot's cache out of the KV cache into RAM; the least recently used parked caches make room
-        (at most n_ctx cells in RAM in all); a cache that cannot be copied out is dropped."""
-        parked = sorted((s for s in self.slots if s.parked is not None), key=lambda s: s.last_used)
-        while parked and sum(len(s.cached) for s in parked) + len(slot.cached) > self.n_ctx:
+    def _park(self, slot: Slot, keep: Slot | None = None) -> None:
+        """Moves an idle slot's cache out of the KV cache into RAM, at most n_ctx cells in RAM in all: the least
+        recently used parked caches make room, never `keep` (the one a request is about to take back); when nothing
+        else can go, or the copy fails (no memory), this slot's cache is dropped instead."""
+        parked = sorted((s for s in self.slots if s.parked is not None and s is not keep), key=lambda s: s.last_used)
+        held = sum(len(s.cached) for s in self.slots if s.parked is not None)
+        while parked and held + len(slot.cached) > self.n_ctx:
+            held -= len(parked[0].cached)
             self._drop(parked.pop(0))
         size = self.lib.llama_state_seq_get_size(self.ctx, slot.seq_id)
-        data = (ctypes.c_uint8 * size)() if size > 0 else None
+        try:
+            data = (ctypes.c_uint8 * size)() if size > 0 and held + len(slot.cached) <= self.n_ctx else None
+        except MemoryError:
+            data = None
         if data is None or self.lib.llama_state_seq_get_data(self.ctx, data, size, slot.seq_id) != size:
             self._drop(slot)
             return
@@ -324,8 +331,8 @@ class BatchEngine:
     def _unpark(self, slot: Slot, keep: int) -> None:
         """Brings a parked cache back into the KV cache when `keep` of its cells are worth having (and fit), else
         forgets it."""
+        fits = len(slot.cached) <= self.n_ctx - self._in_kv()  # while parked, none of its cells are in the KV cache
         data, slot.parked = slot.parked, None
-        fits = len(slot.cached) <= self.n_ctx - self._in_kv()
         if not keep or not fits or self.lib.llama_state_seq_set_data(self.ctx, data, len(data), slot.seq_id) == 0:
             self.lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)  # set_data may have failed half-way
             slot.cached.clear()
@@ -445,6 +452,7 @@ class BatchEngine:
         self._fail([*self.waiting, *self.running()], message)
         for slot in self.slots:
             self._drop(slot)
+        self.lib.llama_memory_clear(self.mem, False)  # whatever the bookkeeping missed
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -459,8 +467,9 @@ def _choose_slot(free: list[Slot], tokens: list[int]) -> Slot:
     """Which free slot a request takes: the one whose cache shares the longest prefix with it, when that is at
     least half of its prompt (a chat resending its history); otherwise an empty slot, else the least recently used
     cache — a BOS or a short common system prompt is no reason to overwrite another conversation's cache."""
-    common, best = max(((_common_prefix(s.cached, tokens), s) for s in free), key=lambda c: c[0])
-    if common and common >= _SIMILAR * len(tokens):
+    # What a slot could give: its common prefix, short of the prompt's last token (always read for the logits)
+    common, best = max(((min(_common_prefix(s.cached, tokens), len(tokens) - 1), s) for s in free), key=lambda c: c[0])
+    if common > 0 and common >= _SIMILAR * len(tokens):
         return best
     empty = [s for s in free if not s.cached]
     return empty[0] if empty else min(free, key=lambda s: s.last_used)

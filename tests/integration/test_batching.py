@@ -153,6 +153,37 @@ async def test_a_conversation_moved_to_ram_while_another_ran_comes_back_intact(s
     assert from_ram.text == in_kv.text
 
 
+async def test_a_conversation_longer_than_half_the_context_comes_back_from_ram(smol: WorkerProcess) -> None:
+    """Found in review: the room check counted the parked conversation's cells twice, so one longer than half of
+    what was free was read again in full instead of being copied back."""
+    history = [{"role": "system", "content": "You answer questions about the sea and its tides. " * 110},
+               {"role": "user", "content": "Name an ocean."}]
+    params = {"messages": history, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    first = await run(smol, "chat", params)
+    assert first.done["prompt_tokens"] > 2048 // 2  # the fixture's context is 2048
+    other_run = Run()
+    other = asyncio.ensure_future(run(smol, "completion", greedy("Count from one to fifty: one, two,", 60),
+                                      into=other_run))
+    while not other_run.text:
+        await asyncio.sleep(0.01)
+    again = await run(smol, "chat", params)
+    await other
+    assert again.done["prompt_cached_tokens"] == first.done["prompt_tokens"] - 1
+
+
+async def test_a_one_token_prompt_does_not_take_a_conversations_slot(smol: WorkerProcess) -> None:
+    """Found in review: a prompt of the BOS alone shares all of itself with every cache, so it took (and wiped) a
+    conversation's slot while empty ones were free."""
+    history = [{"role": "system", "content": "You answer questions about rivers. " * 15},
+               {"role": "user", "content": "Name a river."}]
+    params = {"messages": history, "max_tokens": 4, "temperature": 0}
+    first = await run(smol, "chat", params)
+    for _ in range(3):  # the free slots; an empty prompt is the BOS alone, which every cache starts with
+        await run(smol, "completion", {"prompt": "", "max_tokens": 2, "temperature": 0})
+    again = await run(smol, "chat", params)
+    assert again.done["prompt_cached_tokens"] == first.done["prompt_tokens"] - 1
+
+
 async def test_usage_is_exact_under_batching(smol: WorkerProcess) -> None:
     alone = {p: (await run(smol, "completion", greedy(p, 1))).done["prompt_tokens"] for p in PROMPTS}
     lengths = [7, 19, 33, 50]
