@@ -39,6 +39,7 @@ class _Sampling(_Request):
     top_p: Number | None = Field(default=None, ge=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=0)
     min_p: Number | None = Field(default=None, ge=0, le=1)
+    typical_p: Number | None = Field(default=None, ge=0, le=1)  # locally typical sampling; 1 (the default) is off
     stop: str | list[str] | None = Field(default=None, json_schema_extra={"maxItems": 16})
     seed: StrictInt | None = Field(default=None, ge=-1, le=2**32 - 1)  # -1: random, as LM Studio takes it
     presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
@@ -87,7 +88,7 @@ class _Sampling(_Request):
 
     def sampling_params(self) -> dict[str, Any]:
         """What the worker passes to llama-cpp-python (only fields the client set)."""
-        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "presence_penalty",
+        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "repeat_penalty", "logit_bias", "ignore_eos")
         # `is`, not `in`: 0 == False, and temperature 0 (greedy) was dropped as if it had not been sent
         params = {k: v for k in names if (v := getattr(self, k)) is not None and v is not False}

@@ -182,6 +182,8 @@ class BatchEngine:
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(int(params.get("top_k", 40))))
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(float(params.get("top_p", 0.95)), 1))
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(float(params.get("min_p", 0.05)), 1))
+                if float(params.get("typical_p", 1.0)) < 1.0:
+                    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_typical(float(params["typical_p"]), 1))
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(temp))
                 seed = params.get("seed")
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(

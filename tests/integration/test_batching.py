@@ -97,6 +97,11 @@ async def test_penalties_and_a_seeded_draw_run_in_the_sampler_chain(smol: Worker
     seeded = {"prompt": prompt, "max_tokens": 20, "temperature": 1.5, "seed": 42, "ignore_eos": True}
     a, b = await run(smol, "completion", seeded), await run(smol, "completion", seeded)
     assert "".join(a.text) == "".join(b.text)
+    other_seed = await run(smol, "completion", {**seeded, "seed": 7})
+    assert "".join(other_seed.text) != "".join(a.text)
+    # typical_p this low keeps one candidate a step: the seed no longer matters
+    narrow = [await run(smol, "completion", {**seeded, "seed": s, "typical_p": 0.001}) for s in (42, 7)]
+    assert "".join(narrow[0].text) == "".join(narrow[1].text)
 
 
 async def test_a_crash_ends_every_running_request_with_an_error(smol: WorkerProcess) -> None:
