@@ -88,8 +88,8 @@ class _Sampling(_Request):
 
     def sampling_params(self) -> dict[str, Any]:
         """What the worker passes to llama-cpp-python (only fields the client set)."""
-        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "stop", "seed", "presence_penalty",
-                 "frequency_penalty", "repeat_penalty", "logit_bias", "ignore_eos")
+        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "stop", "seed",
+                 "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "ignore_eos")
         # `is`, not `in`: 0 == False, and temperature 0 (greedy) was dropped as if it had not been sent
         params = {k: v for k in names if (v := getattr(self, k)) is not None and v is not False}
         if params.get("seed") == -1:
