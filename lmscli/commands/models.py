@@ -210,12 +210,57 @@ def import_(
 
 
 @boundary
-def get(name: Annotated[str, typer.Argument(help="What to fetch, e.g. smollm2-135m-instruct.")]) -> None:
-    """Fetch a model into the models folder."""
-    from lmscli.fetch import fetch_model
+def get(
+    name: Annotated[str, typer.Argument(help="smollm2 (the default model), or from Hugging Face: OWNER/REPO, "
+                                             "OWNER/REPO@Q8_0 or OWNER/REPO/FILE.gguf.")],
+    select: Annotated[bool, typer.Option("--select", help="Choose the file from the repo's list (on a terminal).")]
+    = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Take the default file without asking: Q4_K_M, else the "
+                                                          "quantization closest to it.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be downloaded and its size; fetch "
+                                                            "nothing.")] = False,
+    gguf: Annotated[bool, typer.Option("--gguf", help="GGUF files (the only format lms runs; the default).")] = True,
+    mlx: Annotated[bool, typer.Option("--mlx", hidden=True)] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch a model into the models folder: the default model, or a GGUF from Hugging Face."""
+    from lmscli.hub import is_hub_name
 
-    dest = fetch_model(name)
-    stdout.print(str(dest), markup=False)
+    if mlx:
+        raise CliError("lms runs GGUF models only (llama.cpp); MLX models are for Apple's MLX runtime", EXIT_USAGE)
+    if not is_hub_name(name):
+        from lmscli.fetch import fetch_model
+
+        if dry_run:
+            raise CliError("--dry-run is for Hugging Face repos (OWNER/REPO)", EXIT_USAGE)
+        dest = fetch_model(name)
+        if as_json:
+            print_json({"files": [{"path": str(dest), "size": dest.stat().st_size}]})
+        else:
+            stdout.print(str(dest), markup=False)
+        return
+    from lmscli.hub import fetch
+    from lmsd.catalog import base_key
+    from lmsd.config import Paths
+    from lmsd.memory import format_bytes
+
+    result = fetch(name, select=select and not yes, dry_run=dry_run, models_dir=Paths.from_env().models)
+    result["model"] = base_key(Path(result["label"]).name)
+    if as_json:
+        print_json(result)
+    elif dry_run:
+        for f in result["files"]:
+            state = "already there" if f["present"] else "to download"
+            stdout.print(f"{f['path']}\t{format_bytes(f['size'])}\t{state}", markup=False)
+        err(f"{result['label']}: {format_bytes(result['download_bytes'])} to download, "
+            f"{format_bytes(result['free_bytes'])} free")
+    else:
+        for f in result["files"]:
+            stdout.print(f["path"], markup=False)
+        err(f"{result['model']} is ready: load it with `lms load {result['model']}`")
+    if dry_run and not result["fits"]:
+        raise CliError(f"not enough disk space: {format_bytes(result['download_bytes'])} to download, "
+                       f"{format_bytes(result['free_bytes'])} free")
 
 
 def register(app: typer.Typer) -> None:
