@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lmscli.client import CliError
+from lmscli import hub
 from lmscli.hub import HubFile, Target, choices_of, default_choice, parse_target, pick, quant_of
 
 
@@ -66,3 +67,15 @@ def test_a_named_quantization_or_file_that_is_not_there_lists_what_is() -> None:
         pick(Target("o/r", quant="Q2_K"), choices, repo, select=False)
     with pytest.raises(CliError, match="no file x.gguf; its GGUF files: m-Q8_0.gguf, m-Q4_K_M.gguf"):
         pick(Target("o/r", "x.gguf"), choices, repo, select=False)
+
+
+def test_a_download_the_disk_cannot_hold_is_refused_before_it_starts(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: object) -> None:
+    monkeypatch.setattr(hub.Hub, "__init__", lambda self: setattr(self, "endpoint", "x") or None)
+    monkeypatch.setattr(hub.Hub, "files", lambda self, repo: [HubFile("m-Q4_K_M.gguf", 5 << 30, "ab" * 32)])
+    monkeypatch.setattr(hub.Hub, "download", lambda *a: pytest.fail("nothing may be downloaded"))
+    monkeypatch.setattr(hub, "_free_bytes", lambda path: 1 << 30)
+    plan = hub.fetch("o/r", select=False, dry_run=True, models_dir=tmp_path)  # type: ignore[arg-type]
+    assert plan["fits"] is False and plan["download_bytes"] == 5 << 30 and plan["free_bytes"] == 1 << 30
+    with pytest.raises(CliError, match="needs 5.0 GB and .* has 1.0 GB free"):
+        hub.fetch("o/r", select=False, dry_run=False, models_dir=tmp_path)  # type: ignore[arg-type]
