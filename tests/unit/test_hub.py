@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmscli.client import CliError
 from lmscli import hub
+from lmscli.client import CliError
 from lmscli.hub import HubFile, Target, choices_of, default_choice, parse_target, pick, quant_of
 
 
