@@ -20,6 +20,20 @@ app.add_typer(log.app, name="log")
 models.register(app)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from lmsd import __version__
+
+        print(f"lms {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                       callback=_version)) -> None:
+    """Drive lmsd, the local model server: load models with idle TTLs, serve them over HTTP."""
+
+
 def main() -> None:
     app()
 

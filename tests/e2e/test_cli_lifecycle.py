@@ -269,3 +269,18 @@ def test_names_from_files_are_printed_as_text_never_as_markup_or_escape_codes(ho
     assert "bad[red]name" in ps.stdout and "\x1b" not in ps.stdout + ps.stderr
     out = lms("unload", key, check=True)
     assert "\x1b" not in out.stderr and "bad[red]name[link=http:__evil]x\\x1b[31m" in out.stderr
+
+
+def test_help_and_version_never_start_a_daemon(home: Home, lms: Lms) -> None:
+    import subprocess
+    import sys
+
+    from lmsd import __version__
+
+    lmsd = str(Path(sys.executable).parent / "lmsd")
+    assert lms("--version", check=True).stdout.strip() == f"lms {__version__}"
+    for args, code, out in ((["--version"], 0, f"lmsd {__version__}"), (["--help"], 0, "usage: lmsd"),
+                            (["--bogus"], 2, "unrecognized arguments: --bogus")):
+        proc = subprocess.run([lmsd, *args], env=home.env, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == code and out in proc.stdout + proc.stderr, proc
+    assert not (home.root / "run" / "lmsd.pid").exists()  # `lmsd --help` used to start a foreground daemon
