@@ -5,11 +5,13 @@ on a terminal; otherwise Q4_K_M, else the quantization closest to it); `OWNER/RE
 quantization, `OWNER/REPO/FILE.gguf` the file. A model split in shards (`-00001-of-00003.gguf`) is one choice
 and every shard is fetched. Vision projectors (`mmproj-*.gguf`) are not models of their own and are not chosen.
 
-Where it goes: models/OWNER/REPO/FILE.gguf, as LM Studio lays it out. Each file is downloaded by
-`hf_hub_download(local_dir=...)` into a staging folder inside the models folder (`.lms-downloads/`, which the
-catalog never reads), where an interrupted download leaves its `.incomplete` part for the next `lms get` to
-resume; its sha256 is checked against the Hub's LFS record, and only then is it renamed into place. A file
-already in place with the right checksum is not fetched again.
+Where it goes: models/OWNER/REPO/FILE.gguf, as LM Studio lays it out. Each file is downloaded with
+huggingface_hub's `http_get` (what `hf_hub_download` uses, which in huggingface_hub 2.4 resumes only within one
+call) into `models/.lms-downloads/<sha256>.part` — a folder the catalog never reads — locked against a second
+`lms get` of the same file, and continued with a Range request by the next run after an interruption. When every
+file of the choice (every shard) is down and matches the Hub's LFS sha256, they are renamed into place. A file
+already in place with the right checksum is not fetched again. File names from the Hub's listing are checked:
+one that would land outside models/OWNER/REPO is ignored.
 
 huggingface_hub's own environment applies: HF_ENDPOINT (another Hub or a mirror), HF_TOKEN (gated and private
 repos), HF_HUB_OFFLINE (no network: a clear error).
@@ -17,10 +19,13 @@ repos), HF_HUB_OFFLINE (no network: a clear error).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +164,8 @@ class Hub:
             lfs = s.lfs
             sha = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", "")) if lfs else ""
             size = s.size if s.size is not None else (lfs.get("size", 0) if isinstance(lfs, dict) else 0) if lfs else 0
-            out.append(HubFile(s.rfilename, int(size or 0), str(sha or "")))
+            if _safe_name(s.rfilename):
+                out.append(HubFile(s.rfilename, int(size or 0), str(sha or "")))
         if not any(f.name.lower().endswith(".gguf") for f in out):
             other = "an MLX model" if any("mlx" in t.lower() for t in (info.tags or [])) else \
                 "safetensors weights" if any(f.name.endswith(".safetensors") for f in out) else "no model files"
@@ -167,55 +173,92 @@ class Hub:
                            f"version of it, often a repo named like {repo.split('/')[-1]}-GGUF.")
         return out
 
-    def download(self, repo: str, commit: str, f: HubFile, staging: Path, bar: Any) -> Path:
-        """Downloads one file of the repo at `commit` to a `.part` file in `staging`, going on from what an interrupted
-        run left there (a Range request). huggingface_hub's `hf_hub_download` resumes only within one call, and
-        starts over from byte 0 when run again; its `http_get`, which it downloads with, takes the offset."""
-        from huggingface_hub import hf_hub_url
+    def download(self, repo: str, f: HubFile, out: Any, bar: Any) -> None:
+        """Appends the rest of `f` to `out`, an open `.part` file holding what an earlier run got (a Range request
+        asks for the rest). The revision is the commit `files()` saw, so every shard comes from one version."""
+        from huggingface_hub import errors, hf_hub_url
         from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
 
-        # Named by the content's checksum: a part of another version of the file is never continued.
-        part = staging / f"{f.name}.{(f.sha256 or commit)[:16]}.part"
-        part.parent.mkdir(parents=True, exist_ok=True)
-        done = part.stat().st_size if part.is_file() else 0
-        if done >= f.size > 0:  # complete, or longer than the file: start over
-            part.unlink()
-            done = 0
-        if done:
-            err(f"resuming {f.name} at {format_bytes(done)} of {format_bytes(f.size)}")
-        url = hf_hub_url(repo, f.name, revision=commit)
-        with open(part, "ab") as out:
-            self._call(repo, lambda: http_get(url, out, resume_size=done, headers=build_hf_headers(),
-                                              expected_size=f.size or None, displayed_filename=Path(f.name).name,
-                                              tqdm_class=bar), filename=f.name)
-        return part
+        url = hf_hub_url(repo, f.name, revision=self.commit)
+        for attempt in range(2):
+            done = out.seek(0, os.SEEK_END)
+            if f.size and done >= f.size:
+                return  # a finished part (interrupted while being checked): the checksum decides
+            if done:
+                err(f"resuming {f.name} at {format_bytes(done)} of {format_bytes(f.size)}")
+            try:
+                http_get(url, out, resume_size=done, headers=build_hf_headers(), expected_size=f.size or None,
+                         displayed_filename=Path(f.name).name, tqdm_class=bar)
+                return
+            except errors.HfHubHTTPError as exc:
+                if exc.response is not None and exc.response.status_code == 416 and done and not attempt:
+                    out.seek(0)
+                    out.truncate()  # the Hub has less than the part: its file changed; start over once
+                    continue
+                raise self._clear(exc, repo, f.name) from None
+            except OSError as exc:
+                if "Consistency check failed" not in str(exc):
+                    raise self._clear(exc, repo, f.name) from None
+                out.seek(0)
+                out.truncate()
+                raise CliError(f"the download of {f.name} did not end at the {format_bytes(f.size)} the Hub lists; "
+                               "it was deleted. Run `lms get` again.") from None
 
     def _call(self, repo: str, fn: Any, filename: str | None = None) -> Any:
-        from huggingface_hub import errors
-
         try:
             return fn()
-        except errors.OfflineModeIsEnabled:
-            raise CliError(f"HF_HUB_OFFLINE is set, so {repo} cannot be fetched; unset it to download "
-                           "(models already downloaded are in `lms ls`)") from None
-        except errors.GatedRepoError:
-            raise CliError(f"{repo} is gated: accept its terms on {self.endpoint}/{repo} and set HF_TOKEN to a token "
-                           "of that account") from None
-        except errors.RepositoryNotFoundError:
-            raise CliError(f"no repository {repo} on {self.endpoint} (a private one needs HF_TOKEN)") from None
-        except (errors.EntryNotFoundError, errors.RemoteEntryNotFoundError):
-            raise CliError(f"{repo} has no file {filename}") from None
-        except errors.LocalEntryNotFoundError as exc:  # the HEAD request failed: no network
-            raise CliError(f"cannot reach {self.endpoint}: {_cause(exc)}") from None
-        except errors.HfHubHTTPError as exc:
-            raise CliError(f"{self.endpoint} answered: {str(exc).splitlines()[0]}") from None
-        except (OSError, ConnectionError) as exc:
-            raise CliError(f"cannot reach {self.endpoint}: {_cause(exc)}") from None
-        except Exception as exc:  # httpx's transport errors are not OSErrors
-            if type(exc).__module__.split(".")[0].startswith("httpx") or "Timeout" in type(exc).__name__:
-                raise CliError(f"cannot reach {self.endpoint}: {_cause(exc)}") from None
-            raise
+        except Exception as exc:
+            raise self._clear(exc, repo, filename) from None
+
+    def _clear(self, exc: Exception, repo: str, filename: str | None) -> Exception:
+        """The one line a user sees for what huggingface_hub or the network raised; other errors stay as they are."""
+        from huggingface_hub import errors
+
+        if isinstance(exc, errors.OfflineModeIsEnabled):
+            return CliError(f"HF_HUB_OFFLINE is set, so {repo} cannot be fetched; unset it to download "
+                            "(models already downloaded are in `lms ls`)")
+        if isinstance(exc, errors.GatedRepoError):
+            return CliError(f"{repo} is gated: accept its terms on {self.endpoint}/{repo} and set HF_TOKEN to a "
+                            "token of that account")
+        if isinstance(exc, errors.RepositoryNotFoundError):
+            return CliError(f"no repository {repo} on {self.endpoint} (a private one needs HF_TOKEN)")
+        if isinstance(exc, errors.EntryNotFoundError):
+            return CliError(f"{repo} has no file {filename}")
+        if isinstance(exc, errors.HfHubHTTPError):
+            return CliError(f"{self.endpoint} answered: {str(exc).splitlines()[0]}")
+        transport = type(exc).__module__.split(".")[0].startswith("httpx") or "Timeout" in type(exc).__name__
+        if isinstance(exc, (OSError, ConnectionError)) or transport:
+            return CliError(f"cannot reach {self.endpoint}: {_cause(exc)}")
+        return exc
+
+
+def _safe_name(name: str) -> bool:
+    """A repo file name that stays inside models/OWNER/REPO: relative, no `..`, no empty or odd segments."""
+    parts = name.split("/")
+    return (0 < len(name) <= 1000 and "\\" not in name and ":" not in name
+            and all(p not in ("", ".", "..") and p.isprintable() and len(p.encode()) <= 255 for p in parts))
+
+
+def _part(staging: Path, f: HubFile, commit: str) -> Path:
+    """Where a file's download goes: named by its checksum, so a part of another version is never continued."""
+    key = f.sha256 or hashlib.sha256(f"{commit}/{f.name}".encode()).hexdigest()
+    return staging / f"{key}.part"
+
+
+@contextlib.contextmanager
+def _locked_part(path: Path, name: str) -> Iterator[Any]:
+    """The part file, open for appending and locked: a second `lms get` of the same file is refused, never
+    interleaved."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab+") as out:
+        try:
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CliError(f"another `lms get` is downloading {name} right now; let it finish") from None
+        yield out
 
 
 def _cause(exc: BaseException) -> str:
@@ -268,8 +311,9 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def plan(models_dir: Path, repo: str, choice: Choice) -> dict[str, Any]:
-    """What fetching `choice` would do: its files, which are already in place, the bytes to download, the disk."""
+def plan(models_dir: Path, repo: str, choice: Choice, commit: str) -> dict[str, Any]:
+    """What fetching `choice` would do: its files, which are already in place (by size; the checksum is checked
+    when fetching), the bytes still to download (an interrupted run's part counts as down), the disk."""
     dest = models_dir / repo
     files = []
     needed = 0
@@ -277,11 +321,13 @@ def plan(models_dir: Path, repo: str, choice: Choice) -> dict[str, Any]:
         final = dest / f.name
         present = final.is_file() and final.stat().st_size == f.size
         if not present:
-            needed += f.size
+            part = _part(models_dir / STAGING, f, commit)
+            needed += max(0, f.size - (part.stat().st_size if part.is_file() else 0))
         files.append({"name": f.name, "size": f.size, "sha256": f.sha256, "path": str(final), "present": present})
     free = _free_bytes(dest)
     return {"repo": repo, "quantization": choice.quant, "label": choice.label, "files": files,
-            "total_bytes": choice.size, "download_bytes": needed, "free_bytes": free, "fits": needed < free}
+            "total_bytes": choice.size, "download_bytes": needed, "free_bytes": free,
+            "fits": needed == 0 or needed < free}
 
 
 def fetch(target_text: str, *, select: bool, dry_run: bool, models_dir: Path) -> dict[str, Any]:
@@ -289,36 +335,43 @@ def fetch(target_text: str, *, select: bool, dry_run: bool, models_dir: Path) ->
     hub = Hub()
     files = hub.files(target.repo)
     choice = pick(target, choices_of(files), files, select=select)
-    result = plan(models_dir, target.repo, choice)
+    result = plan(models_dir, target.repo, choice, hub.commit)
     if dry_run:
         return result
     if not result["fits"]:
         raise CliError(f"{choice.label} needs {format_bytes(result['download_bytes'])} and {models_dir} has "
                        f"{format_bytes(result['free_bytes'])} free; make room first")
-    staging = models_dir / STAGING / target.repo
+    staging = models_dir / STAGING
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+    with contextlib.ExitStack() as held:
+        todo = []
         for entry, f in zip(result["files"], choice.files, strict=True):
             final = Path(entry["path"])
             if entry["present"] and (not f.sha256 or sha256_of(final) == f.sha256):
-                err(f"{f.name} is already in {final.parent} (checksum verified)")
+                checked = "checksum verified" if f.sha256 else "size matches; the Hub lists no checksum"
+                err(f"{f.name} is already in {final.parent} ({checked})")
                 continue
-            err(f"Downloading {f.name} ({format_bytes(f.size)}) from {hub.endpoint}/{target.repo}")
-            staged = hub.download(target.repo, hub.commit, f, staging, _bar(progress, Path(f.name).name))
-            got = sha256_of(staged)
-            if f.sha256 and got != f.sha256:
-                staged.unlink(missing_ok=True)
-                raise CliError(f"checksum mismatch for {f.name}: the Hub lists sha256 {f.sha256}, the download has "
-                               f"{got}; it was deleted. Run `lms get` again.")
+            part = _part(staging, f, hub.commit)
+            todo.append((entry, f, part, held.enter_context(_locked_part(part, f.name)), final))
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+            for _entry, f, part, out, _final in todo:
+                err(f"Downloading {f.name} ({format_bytes(f.size)}) from {hub.endpoint}/{target.repo}")
+                hub.download(target.repo, f, out, _bar(progress, Path(f.name).name))
+                out.flush()
+                os.fsync(out.fileno())
+                got = sha256_of(part)
+                if f.sha256 and got != f.sha256:
+                    out.truncate(0)
+                    raise CliError(f"checksum mismatch for {f.name}: the Hub lists sha256 {f.sha256}, the download "
+                                   f"has {got}; it was deleted. Run `lms get` again.")
+        for entry, _f, part, _out, final in todo:  # every part is down and checked: all of them go into place
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
+            os.replace(part, final)
             entry["present"] = True
-    shutil.rmtree(staging, ignore_errors=True)  # what is left is parts of older versions; an interrupted run stays
-    for folder in (staging.parent, staging.parent.parent):  # OWNER, then .lms-downloads, once empty
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+    with contextlib.suppress(OSError):
+        staging.rmdir()  # when empty: nothing else is being downloaded, or waits to be resumed
     return result
 
 

@@ -62,6 +62,7 @@ class _Repo:
     sha: str
     files: dict[str, _File]
     gated: bool
+    token: str | None = None  # the HF_TOKEN that opens a gated repo
 
 
 class FakeHub:
@@ -78,21 +79,22 @@ class FakeHub:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes], *, gated: bool = False) -> str:
-        """Adds (or replaces) a repo and returns its commit sha. .gguf files are LFS, the others plain git files."""
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, gated: bool = False, token: str | None = None) -> str:
+        """Adds (or replaces) a repo and returns its commit sha. .gguf files are LFS, the others plain git files.
+        A gated repo's files are served to a request with `Authorization: Bearer <token>` only."""
         digest = hashlib.sha1(repo_id.encode())
         for name in sorted(files):
             digest.update(b"\0%s\0%s" % (name.encode(), hashlib.sha256(files[name]).digest()))
         sha = digest.hexdigest()
         with self._lock:
-            self._repos[repo_id] = _Repo(sha, {n: _File(d, n.endswith(".gguf")) for n, d in files.items()}, gated)
+            self._repos[repo_id] = _Repo(sha, {n: _File(d, n.endswith(".gguf")) for n, d in files.items()}, gated,
+                                         token)
         return sha
 
     def serve_wrong_bytes(self, repo_id: str, filename: str, data: bytes) -> None:
-        """GET returns `data` while the listing and ETag keep the original sha256 and size: a checksum mismatch."""
-        f = self._repos[repo_id].files[filename]
-        assert len(data) == len(f.data), "wrong bytes must have the original length (or the size check catches it)"
-        f.wrong = data
+        """GET returns `data` while the listing and ETag keep the original sha256 and size: a checksum mismatch
+        (or, with another length, a download that does not end where the listing says)."""
+        self._repos[repo_id].files[filename].wrong = data
 
     def cut_after(self, repo_id: str, filename: str, nbytes: int) -> None:
         """The next GET of the file without a Range header sends its first nbytes, then closes the connection.
@@ -206,7 +208,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _resolve(self, repo: _Repo, filename: str) -> None:
             f = repo.files.get(filename)
-            if repo.gated:
+            if repo.gated and self.headers.get("Authorization") != f"Bearer {repo.token}":
                 return self._error(401, "GatedRepo", "Access to this model is restricted. You must have access.")
             if f is None:
                 return self._error(404, "EntryNotFound", "Entry not found", repo.sha)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -98,6 +97,8 @@ def test_an_interrupted_download_resumes_where_it_stopped(lms: Lms, env: dict[st
     try:
         part = wait_until(lambda: next((p for p in staging.rglob("*.part") if p.stat().st_size >= 10 * MiB), None),
                           timeout=60, what="the first 10 MiB on disk")
+        second = get(lms, env, "someone/Large-GGUF")  # the same file, while the first run is at it
+        assert second.returncode == 1 and "another `lms get` is downloading" in second.stderr, second.stderr
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -125,23 +126,56 @@ def test_a_checksum_mismatch_keeps_nothing(lms: Lms, env: dict[str, str], hub: F
     out = get(lms, env, "someone/Bad-GGUF")
     assert out.returncode == 1 and "checksum mismatch" in out.stderr and "Traceback" not in out.stderr
     assert not (home.models / "someone").exists()
-    assert not list((home.models / ".lms-downloads").rglob("*.part"))
+    assert not [p for p in (home.models / ".lms-downloads").rglob("*.part") if p.stat().st_size]
+
+
+def test_a_download_that_ends_short_is_a_clear_error_and_the_next_run_starts_afresh(
+        lms: Lms, env: dict[str, str], hub: FakeHub, home: Home) -> None:
+    data = tiny_gguf("short", extra_bytes=4000)
+    hub.add_repo("someone/Short-GGUF", {"Short-Q4_K_M.gguf": data})
+    hub.serve_wrong_bytes("someone/Short-GGUF", "Short-Q4_K_M.gguf", data[:-100])
+    out = get(lms, env, "someone/Short-GGUF")
+    assert out.returncode == 1 and "did not end at the" in out.stderr and "cannot reach" not in out.stderr
+    hub.add_repo("someone/Short-GGUF", {"Short-Q4_K_M.gguf": data})  # served right again
+    again = get(lms, env, "someone/Short-GGUF")
+    assert again.returncode == 0, again.stderr
+    assert sha(home.models / "someone" / "Short-GGUF" / "Short-Q4_K_M.gguf") == hashlib.sha256(data).hexdigest()
+
+
+def test_file_names_in_a_listing_that_would_leave_the_repo_folder_are_ignored(
+        lms: Lms, env: dict[str, str], hub: FakeHub, home: Home) -> None:
+    hub.add_repo("someone/Evil-GGUF", {"../../../ESCAPED-Q4_K_M.gguf": tiny_gguf("evil"),
+                                       f"{home.root}/OUTSIDE-Q4_K_M.gguf": tiny_gguf("evil2"),
+                                       "Fine-Q8_0.gguf": tiny_gguf("fine")})
+    out = get(lms, env, "someone/Evil-GGUF", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [f["name"] for f in json.loads(out.stdout)["files"]] == ["Fine-Q8_0.gguf"]
+    assert [p.name for p in home.root.rglob("*.gguf")] == ["Fine-Q8_0.gguf"]
 
 
 @pytest.mark.parametrize(("repo", "setup", "message"), [
     ("nobody/Missing-GGUF", None, "no repository nobody/Missing-GGUF"),
+    ("someone/Tiny-GGUF/missing.gguf", {"Tiny-Q4_K_M.gguf": b"x"},
+     "someone/Tiny-GGUF has no file missing.gguf; its GGUF files: Tiny-Q4_K_M.gguf"),
     ("someone/Model-MLX", {"model.safetensors": b"\0" * 64, "README.md": b"# MLX"}, "has no GGUF files"),
     ("someone/Gated-GGUF", "gated", "is gated"),
 ])
 def test_a_repo_that_cannot_give_a_gguf_is_a_clear_error(lms: Lms, env: dict[str, str], hub: FakeHub, repo: str,
                                                          setup: object, message: str) -> None:
     if setup == "gated":
-        hub.add_repo(repo, {"G-Q4_K_M.gguf": tiny_gguf("g")}, gated=True)
+        hub.add_repo(repo, {"G-Q4_K_M.gguf": tiny_gguf("g")}, gated=True, token="hf_right")
     elif isinstance(setup, dict):
-        hub.add_repo(repo, setup)
+        hub.add_repo("/".join(repo.split("/")[:2]), setup)
     out = get(lms, env, repo)
     assert out.returncode == 1, out
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_hf_token_opens_a_gated_repo(lms: Lms, env: dict[str, str], hub: FakeHub, home: Home) -> None:
+    hub.add_repo("someone/Gated-GGUF", {"G-Q4_K_M.gguf": tiny_gguf("g")}, gated=True, token="hf_right")
+    out = get(lms, {**env, "HF_TOKEN": "hf_right"}, "someone/Gated-GGUF")
+    assert out.returncode == 0, out.stderr
+    assert (home.models / "someone" / "Gated-GGUF" / "G-Q4_K_M.gguf").is_file()
 
 
 def test_no_network_and_offline_mode_are_clear_errors(lms: Lms, env: dict[str, str], hub: FakeHub) -> None:
@@ -156,14 +190,26 @@ def test_no_network_and_offline_mode_are_clear_errors(lms: Lms, env: dict[str, s
 
 def test_the_interrupted_part_of_another_version_is_not_continued(lms: Lms, env: dict[str, str], hub: FakeHub,
                                                                   home: Home) -> None:
-    """A part left by an interrupted run of an older version of the file (named by its checksum) is not glued onto
-    the new version's bytes."""
-    data = tiny_gguf("v2", extra_bytes=3000)
-    hub.add_repo("someone/V-GGUF", {"V-Q4_K_M.gguf": data})
-    stale = home.models / ".lms-downloads" / "someone" / "V-GGUF" / f"V-Q4_K_M.gguf.{'0' * 16}.part"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"old" * 100)
+    """A run of version 1 is interrupted; the repo moves to version 2; the next run must not glue version 2's
+    remaining bytes onto version 1's start (parts are named by the content's checksum)."""
+    v1 = tiny_gguf("version-1", extra_bytes=11 * MiB)
+    hub.add_repo("someone/V-GGUF", {"V-Q4_K_M.gguf": v1})
+    release = hub.stall_after("someone/V-GGUF", "V-Q4_K_M.gguf", 10 * MiB + MiB // 2)
+    proc = subprocess.Popen([lms.exe, "get", "someone/V-GGUF"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: any(p.stat().st_size >= 10 * MiB for p in (home.models / ".lms-downloads").rglob("*.part")),
+                   timeout=60, what="the first 10 MiB of version 1 on disk")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    v2 = tiny_gguf("version-2", extra_bytes=11 * MiB)
+    hub.add_repo("someone/V-GGUF", {"V-Q4_K_M.gguf": v2})
+    before = len(hub.requests)
     out = get(lms, env, "someone/V-GGUF")
     assert out.returncode == 0, out.stderr
-    assert sha(home.models / "someone" / "V-GGUF" / "V-Q4_K_M.gguf") == hashlib.sha256(data).hexdigest()
-    assert os.path.exists(home.models / "someone" / "V-GGUF" / "V-Q4_K_M.gguf")
+    assert all("range" not in h for m, p, h in hub.requests[before:] if m == "GET" and "/resolve/" in p)
+    assert sha(home.models / "someone" / "V-GGUF" / "V-Q4_K_M.gguf") == hashlib.sha256(v2).hexdigest()
