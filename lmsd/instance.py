@@ -150,6 +150,7 @@ class Instance:
     grace_deadline: float | None = None  # while draining: when running requests are ended (None: never)
     grace_set_by: tuple[UnloadReason, float] | None = None  # the unload that set grace_deadline, and its grace
     load_deadline: float | None = None  # while loading: killed if no progress by then
+    load_started: float = 0.0  # scheduler clock: when its load began
     abort: LmsError | None = None  # set when a load must stop (manual unload, shutdown, no progress): what to report
     cut: str = ""  # set when the grace ran out: requests still running end with this reason
     unload_task: asyncio.Task[None] | None = None

@@ -121,6 +121,7 @@ class Scheduler:
         self._measured = measurements or memory.Measurements()  # largest resident memory seen per model/context
         self._changed = asyncio.Event()  # wakes the timer driver when a deadline may have moved
         self._subscribers: set[asyncio.Queue[SchedulerEvent]] = set()
+        self._listeners: list[Callable[[SchedulerEvent], None]] = []  # called at once, on the loop (metrics)
         self._tasks: set[asyncio.Task[None]] = set()  # loads and unloads the scheduler owns
         self._closing = False
 
@@ -207,7 +208,16 @@ class Scheduler:
     def unsubscribe(self, q: asyncio.Queue[SchedulerEvent]) -> None:
         self._subscribers.discard(q)
 
+    def listen(self, listener: Callable[[SchedulerEvent], None]) -> None:
+        """Calls `listener` with every event as it is emitted; it must be quick and must not raise."""
+        self._listeners.append(listener)
+
     def emit(self, event: SchedulerEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - an observer's bug must not break the scheduler
+                log.exception("event listener failed")
         for q in list(self._subscribers):
             try:
                 q.put_nowait(event)
@@ -534,7 +544,7 @@ class Scheduler:
         inst = Instance(identifier=identifier, entry=ticket.entry, origin=ticket.origin, ttl=ticket.ttl,
                         context_length=ticket.context_length, estimate=estimate,
                         requested_context=ticket.context_length, parallel=ticket.parallel)
-        inst.last_used = self.clock()
+        inst.last_used = inst.load_started = self.clock()
         inst.load_deadline = self.clock() + self.settings().load_timeout
         self._instances[identifier] = inst
         self._spawn(self._run_load(inst, ticket.progress))
@@ -583,7 +593,7 @@ class Scheduler:
                  inst.origin, inst.ttl, inst.worker.pid, inst.estimate >> 20)
         self.emit(SchedulerEvent("loaded", inst.identifier, inst.key, fields={
             "origin": inst.origin, "ttl": str(inst.ttl or ""), "context_length": str(n_ctx),
-            "estimated_memory_bytes": str(inst.estimate)}))
+            "estimated_memory_bytes": str(inst.estimate), "load_seconds": f"{self.clock() - inst.load_started:.3f}"}))
         self._after_request(inst)  # the requests that rode on the load start now
         self._pump()
 

@@ -177,6 +177,8 @@ class Inference:
             "tokens_per_second": f"{stats['tokens_per_second']:.1f}",
             "duration": f"{time.perf_counter() - gen.started:.3f}",
         }
+        if gen.done:
+            fields["time_to_first_token"] = f"{stats['time_to_first_token']:.4f}"
         log.info("request %s %s: %s, %s in / %s out tokens, %s tok/s", gen.endpoint, gen.identifier, gen.status,
                  fields["prompt_tokens"], fields["completion_tokens"], fields["tokens_per_second"])
         self.scheduler.emit(SchedulerEvent("request", gen.identifier, gen.entry.key, fields=fields))

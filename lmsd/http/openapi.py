@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from lmsd.http.rest_v1 import LoadRequest, UnloadRequest
 from lmsd.http.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 
 BODIES: dict[str, type[BaseModel]] = {
@@ -24,6 +25,8 @@ BODIES: dict[str, type[BaseModel]] = {
     "/api/v0/chat/completions": ChatRequest,
     "/api/v0/completions": CompletionRequest,
     "/api/v0/embeddings": EmbeddingRequest,
+    "/api/v1/models/load": LoadRequest,
+    "/api/v1/models/unload": UnloadRequest,
 }
 STREAMING = {"/v1/chat/completions", "/v1/completions", "/api/v0/chat/completions", "/api/v0/completions"}
 
@@ -63,7 +66,7 @@ def install(app: FastAPI) -> None:
 
 def build(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title="lmsd", version="1", routes=app.routes,
-                         description="OpenAI-compatible and LM Studio-compatible (REST v0) endpoint of lmsd")
+                         description="OpenAI-compatible and LM Studio-compatible (REST v0, v1) endpoint of lmsd")
     refs, defs = models_json_schema([(m, "validation") for m in set(BODIES.values())],
                                     ref_template="#/components/schemas/{model}")
     components = schema.setdefault("components", {}).setdefault("schemas", {})

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -28,11 +28,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmsd.catalog import Catalog, ModelEntry
 from lmsd.config import Settings
 from lmsd.errors import FailedPrecondition, LmsError
-from lmsd.http import lmstudio, openai, openapi
+from lmsd.http import lmstudio, openai, openapi, rest_v1
 from lmsd.http.errors import HttpError, error_body, error_response, from_lms_error
 from lmsd.http.inference import ClientGone, Inference
 from lmsd.instance import Instance
 from lmsd.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from lmsd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,8 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dic
 
 
 def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Settings],
-               api_key: Callable[[], str | None], *, cors: bool, bind: str = "127.0.0.1") -> ASGIApp:
+               api_key: Callable[[], str | None], *, cors: bool, bind: str = "127.0.0.1",
+               metrics: Metrics | None = None) -> ASGIApp:
     app = FastAPI(title="lmsd", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     inference = Inference(scheduler)
 
@@ -174,7 +178,24 @@ def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Se
         return {"used_bytes": m.used_bytes, "budget_bytes": m.budget_bytes, "available_bytes": m.available_bytes,
                 "limit": m.limit}
 
+    if metrics is not None:
+        @app.get("/metrics", include_in_schema=False)
+        async def _metrics() -> Response:
+            """Prometheus text format (behind the API key, like every route)."""
+            from lmsd.metrics import CONTENT_TYPE
+
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/health")
+    async def _health() -> Response:
+        """Liveness for monitors: touches no model, so polling it never keeps one loaded."""
+        from lmsd import __version__
+
+        ready = [i for i in scheduler.instances() if i.ready.done() and not i.draining]
+        return JSONResponse({"status": "ok", "version": __version__, "loaded": len(ready)})
+
     app.include_router(openai.router(inference, v1_models))
+    app.include_router(rest_v1.router(scheduler, lambda: _models(scheduler, catalog)))
     app.include_router(lmstudio.router(inference, v0_models, memory))
     openapi.install(app)
 
