@@ -1,4 +1,4 @@
-"""`lms daemon up|down|status`: the lmsd process itself."""
+"""`lms daemon up|down|status|install-service`: the lmsd process itself."""
 
 from __future__ import annotations
 
@@ -89,6 +89,63 @@ def status(as_json: JsonOpt = False) -> None:
         + (f"HTTP endpoint {http.url}" if http.running else "HTTP endpoint stopped (lms server start)"),
         markup=False,
     )
+
+
+UNIT = """\
+# lmsd as a systemd user service, written by `lms daemon install-service`.
+[Unit]
+Description=lmsd, the lms local model server
+After=network.target
+
+[Service]
+Type=simple
+ExecStart={exe}
+{environment}Restart=on-failure
+RestartSec=2
+# SIGTERM drains: running requests finish, models unload, workers end
+KillSignal=SIGTERM
+TimeoutStopSec=90
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def unit_text() -> str:
+    """The unit for this installation: this lmsd, and the LMS_HOME / LMS_MODELS_DIR the caller runs with."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "lmsd"
+    env = "".join(f"Environment={shlex.quote(f'{k}={os.environ[k]}')}\n"
+                  for k in ("LMS_HOME", "LMS_MODELS_DIR") if os.environ.get(k))
+    return UNIT.format(exe=shlex.quote(str(exe)), environment=env)
+
+
+@app.command("install-service")
+@boundary
+def install_service(
+    print_only: Annotated[bool, typer.Option("--print", help="Print the unit; write nothing.")] = False,
+) -> None:
+    """Write a systemd user unit (~/.config/systemd/user/lmsd.service) so lmsd starts at login and restarts if
+    it fails; prints how to enable it."""
+    from pathlib import Path
+
+    text = unit_text()
+    if print_only:
+        stdout.print(text, markup=False, end="")
+        return
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    path = config / "systemd" / "user" / "lmsd.service"
+    from lmsd.config import write_atomically
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, text)
+    stdout.print(str(path), markup=False)
+    err("Enable it (and stop a daemon started by hand first: `lms daemon down`):\n"
+        "  systemctl --user daemon-reload && systemctl --user enable --now lmsd\n"
+        "To keep it running after you log out: loginctl enable-linger $USER")
 
 
 def _alive(pid: int | None) -> bool:
