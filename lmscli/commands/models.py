@@ -82,6 +82,9 @@ def load(
     if instance is None:
         raise CliError(f"the daemon ended the load of {key} without an answer")
     ttl_text = f", idle TTL {format_duration(int(ttl))}" if ttl else ""
+    if context_length and instance.context_length != context_length:
+        err(f"--context-length {context_length} became {instance.context_length}: llama.cpp sizes the context in "
+            "steps of 256 tokens")
     err(f"Loaded {instance.model} as '{instance.identifier}' (context {instance.context_length}{ttl_text}). "
         f"Use the identifier '{instance.identifier}' in API requests.")
     if as_json:
@@ -180,15 +183,21 @@ def ps(as_json: JsonOpt = False) -> None:
 
 
 @boundary
-def ls(as_json: JsonOpt = False) -> None:
+def ls(
+    as_json: JsonOpt = False,
+    llm: Annotated[bool, typer.Option("--llm", help="Language models only.")] = False,
+    embedding: Annotated[bool, typer.Option("--embedding", help="Embedding models only.")] = False,
+) -> None:
     """List downloaded models (GGUF files under the models folder)."""
     from lmsd.api.v1 import control_pb2 as pb
 
     listing = connect().stub.ListModels(pb.ListModelsRequest(), timeout=120)
+    kinds = {k for k, on in (("llm", llm), ("embedding", embedding)) if on} or {"llm", "embedding"}
+    models = [m for m in listing.models if (m.type if m.type == "embedding" else "llm") in kinds]
     if as_json:
-        print_json([model_json(m) for m in listing.models])
+        print_json([model_json(m) for m in models])
     else:
-        print_models(list(listing.models), listing.models_dir)
+        print_models(models, listing.models_dir)
 
 
 @boundary

@@ -284,3 +284,12 @@ def test_help_and_version_never_start_a_daemon(home: Home, lms: Lms) -> None:
         proc = subprocess.run([lmsd, *args], env=home.env, capture_output=True, text=True, timeout=30)
         assert proc.returncode == code and out in proc.stdout + proc.stderr, proc
     assert not (home.root / "run" / "lmsd.pid").exists()  # `lmsd --help` used to start a foreground daemon
+
+
+def test_ls_filters_by_type_and_a_rounded_context_is_said(home: Home, lms: Lms, tiny_file: Path) -> None:
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    assert [m["key"] for m in lms.json("ls", "--llm")] == [TINY_KEY]
+    assert lms.json("ls", "--embedding") == []  # the tiny model is a language model
+    out = lms("load", TINY_KEY, "-c", "100", check=True)
+    assert "--context-length 100 became 256" in out.stderr
+    assert lms.json("ps")[0]["context_length"] == 256
