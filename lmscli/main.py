@@ -34,6 +34,30 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
     """Drive lmsd, the local model server: load models with idle TTLs, serve them over HTTP."""
 
 
+@app.command("status")
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
+    """Everything at a glance: the daemon, the HTTP endpoint, the loaded models and memory."""
+    from lmscli.client import boundary
+
+    boundary(_status)(as_json)
+
+
+def _status(as_json: bool) -> None:
+    from lmscli.client import DaemonClient
+    from lmscli.commands.daemon import daemon_status, describe
+    from lmscli.output import instance_json, print_instances, print_json, stdout
+    from lmsd.api.v1 import control_pb2 as pb
+
+    client = DaemonClient()
+    data = daemon_status(client, as_json)
+    loaded = client.stub.ListLoaded(pb.ListLoadedRequest(), timeout=10)
+    if as_json:
+        print_json({"daemon": data, "loaded": [instance_json(i) for i in loaded.instances]})
+        return
+    stdout.print(describe(data) + "\n", markup=False)
+    print_instances(list(loaded.instances), loaded.memory)
+
+
 def main() -> None:
     app()
 

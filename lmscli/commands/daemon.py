@@ -55,9 +55,18 @@ def down(
 @boundary
 def status(as_json: JsonOpt = False) -> None:
     """Say whether lmsd runs, with its pid, uptime and loaded models."""
+    client = DaemonClient()
+    data = daemon_status(client, as_json)
+    if as_json:
+        print_json(data)
+        return
+    stdout.print(describe(data), markup=False)
+
+
+def daemon_status(client: DaemonClient, as_json: bool) -> dict[str, object]:
+    """The daemon's state; when it is not running, says so (as JSON too) and exits 3."""
     from lmsd.api.v1 import control_pb2 as pb
 
-    client = DaemonClient()
     if not client.healthy():
         state = probe(client.paths)
         why = "its socket exists but nobody answers" if state == "refused" else "not running"
@@ -69,7 +78,7 @@ def status(as_json: JsonOpt = False) -> None:
     health = client.stub.Health(pb.HealthRequest(), timeout=5)
     version = client.stub.Version(pb.VersionRequest(), timeout=5)
     http = client.stub.GetServerStatus(pb.ServerStatusRequest(), timeout=5)
-    data = {
+    return {
         "running": True,
         "pid": health.pid,
         "uptime_seconds": round(health.uptime_seconds, 1),
@@ -80,15 +89,14 @@ def status(as_json: JsonOpt = False) -> None:
         "lms_home": health.lms_home,
         "http": http_json(http),
     }
-    if as_json:
-        print_json(data)
-        return
-    stdout.print(
-        f"lmsd {data['version']} is running (pid {data['pid']}, up {format_duration(health.uptime_seconds)}, "
-        f"{data['loaded']} model(s) loaded)\nsocket {data['socket']}\n"
-        + (f"HTTP endpoint {http.url}" if http.running else "HTTP endpoint stopped (lms server start)"),
-        markup=False,
-    )
+
+
+def describe(data: dict[str, object]) -> str:
+    http = data["http"]
+    assert isinstance(http, dict) and isinstance(data["uptime_seconds"], float | int)
+    return (f"lmsd {data['version']} is running (pid {data['pid']}, up {format_duration(data['uptime_seconds'])}, "
+            f"{data['loaded']} model(s) loaded)\nsocket {data['socket']}\n"
+            + (f"HTTP endpoint {http['url']}" if http.get("running") else "HTTP endpoint stopped (lms server start)"))
 
 
 UNIT = """\

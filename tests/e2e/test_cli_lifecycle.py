@@ -288,8 +288,15 @@ def test_help_and_version_never_start_a_daemon(home: Home, lms: Lms) -> None:
 
 def test_ls_filters_by_type_and_a_rounded_context_is_said(home: Home, lms: Lms, tiny_file: Path) -> None:
     home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+    down = lms("status")
+    assert down.returncode == 3 and "lmsd is not running" in down.stderr  # `lms status` never starts it
     assert [m["key"] for m in lms.json("ls", "--llm")] == [TINY_KEY]
     assert lms.json("ls", "--embedding") == []  # the tiny model is a language model
     out = lms("load", TINY_KEY, "-c", "100", check=True)
     assert "--context-length 100 became 256" in out.stderr
     assert lms.json("ps")[0]["context_length"] == 256
+    status = lms.json("status")
+    assert status["daemon"]["running"] is True and status["daemon"]["http"]["running"] is False
+    assert [i["identifier"] for i in status["loaded"]] == [TINY_KEY]
+    table = lms("status", check=True)
+    assert "is running" in table.stdout and TINY_KEY in table.stdout and "Memory:" in table.stderr
