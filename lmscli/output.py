@@ -268,9 +268,37 @@ def print_http(h: Any) -> None:
 # ---------------------------------------------------------------- lms log stream
 
 
+# Event fields that are numbers (the control plane carries every field as text): JSON gets them as numbers.
+_NUMERIC_FIELDS = {"prompt_tokens", "completion_tokens", "tokens_per_second", "duration", "time_to_first_token",
+                   "load_seconds", "context_length", "estimated_memory_bytes", "ttl", "inputs", "http_status"}
+
+
 def event_json(e: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for k, v in e.fields.items():
+        if k in _NUMERIC_FIELDS:
+            fields[k] = _number(v)
+        elif e.kind == "settings":
+            try:
+                fields[k] = json.loads(v)  # settings events carry JSON values (true, 3600, "auto")
+            except ValueError:
+                fields[k] = v
+        else:
+            fields[k] = v
     return {"time": e.time_unix, "kind": e.kind, "identifier": e.identifier or None, "model": e.model or None,
-            "reason": e.reason or None, "message": e.message or None, **dict(e.fields)}
+            "reason": e.reason or None, "message": e.message or None, **fields}
+
+
+def _number(text: str) -> int | float | None:
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return None
 
 
 def event_line(e: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -183,11 +184,15 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"could not save settings to {self.daemon.settings_store.path}: "
                                 f"{exc.strerror or exc}; nothing was changed")
+        shown = {k: json.dumps(v) for k, v in changes.items()}  # true, not True: what the CLI and settings say
+        if key is not None:
+            shown["api_key"] = "set" if key else "cleared"  # the key itself is never shown
         if changes:
-            log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in shown.items()))
             self.scheduler.settings_changed()
+        if shown:
             self.scheduler.emit(SchedulerEvent("settings", "", "", message=", ".join(
-                f"{k}={v}" for k, v in changes.items())))
+                f"{k}={v}" for k, v in shown.items()), fields=shown))
         return self._settings_pb()
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
@@ -214,7 +219,12 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         bind = request.bind if request.HasField("bind") else s.bind
         cors = request.cors if request.HasField("cors") else s.cors
         try:
+            was = self.daemon.http.url()
             await self.daemon.start_http(port, bind, cors)
+            if self.daemon.http.url() != was or not was:
+                self.scheduler.emit(SchedulerEvent("server", "", "", message=f"HTTP endpoint started on "
+                                                   f"{self.daemon.http.url()} (cors {'on' if cors else 'off'})",
+                                                   fields={"url": self.daemon.http.url()}))
         except LmsError as exc:
             await _abort(context, exc)
         except ValueError as exc:
@@ -225,7 +235,10 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     async def ServerStop(self, request: pb.ServerStopRequest, context: Any) -> pb.HttpStatus:
         try:
+            running = self.daemon.http.running
             await self.daemon.stop_http()
+            if running:
+                self.scheduler.emit(SchedulerEvent("server", "", "", message="HTTP endpoint stopped"))
         except OSError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"could not save settings: {exc}")
         return self._http_pb()

@@ -29,6 +29,7 @@ class HttpError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
+        self.recorded = False  # already reported as a request event (lms log stream, metrics)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -120,8 +120,7 @@ class Inference:
         try:
             return await until_disconnect(request, begin(), orphan=self.finish)
         except LmsError as exc:
-            self._record_failure(body.model, endpoint, exc, started)
-            raise from_lms_error(exc) from None
+            raise self._record_failure(body.model, endpoint, exc, started) from None
 
     async def collect(self, request: Request, gen: Generation) -> str:
         """Runs a non-streaming generation to its end; returns the text."""
@@ -204,18 +203,21 @@ class Inference:
         try:
             result, identifier = await until_disconnect(request, run())
         except LmsError as exc:
-            self._record_failure(body.model, "/embeddings", exc, started)
-            raise from_lms_error(exc) from None
+            raise self._record_failure(body.model, request.url.path, exc, started) from None
         self.scheduler.emit(SchedulerEvent("request", identifier, entry.key, fields={
-            "endpoint": "/embeddings", "status": "ok", "prompt_tokens": str(result.get("prompt_tokens", 0)),
+            "endpoint": request.url.path, "status": "ok", "prompt_tokens": str(result.get("prompt_tokens", 0)),
             "completion_tokens": "0", "inputs": str(len(body.inputs)),
             "duration": f"{time.perf_counter() - started:.3f}"}))
         return result, identifier
 
-    def _record_failure(self, model: str, endpoint: str, exc: LmsError, started: float) -> None:
+    def _record_failure(self, model: str, endpoint: str, exc: LmsError, started: float) -> HttpError:
+        """Reports a request that failed as a request event; returns the HTTP error to answer with."""
+        err = from_lms_error(exc)
         self.scheduler.emit(SchedulerEvent("request", model, model, fields={
-            "endpoint": endpoint, "status": f"error: {exc.message}",
+            "endpoint": endpoint, "status": f"error: {exc.message}", "http_status": str(err.status),
             "duration": f"{time.perf_counter() - started:.3f}"}))
+        err.recorded = True
+        return err
 
 
 async def _close(stream: AsyncIterator[dict[str, Any]]) -> None:

@@ -31,7 +31,7 @@ from lmsd.errors import FailedPrecondition, LmsError
 from lmsd.http import lmstudio, openai, openapi, rest_v1
 from lmsd.http.errors import HttpError, error_body, error_response, from_lms_error
 from lmsd.http.inference import ClientGone, Inference
-from lmsd.instance import Instance
+from lmsd.instance import Instance, SchedulerEvent
 from lmsd.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -199,13 +199,22 @@ def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Se
     app.include_router(lmstudio.router(inference, v0_models, memory))
     openapi.install(app)
 
-    @app.exception_handler(HttpError)
-    async def _http_error(_r: Request, exc: HttpError) -> Response:
+    def refused(request: Request, exc: HttpError) -> Response:
+        """Answers a refused request, and reports it (lms log stream, metrics) unless inference already did: a
+        client whose requests all fail validation must be visible to whoever watches."""
+        path = request.url.path
+        if not exc.recorded and request.method == "POST" and path.endswith(("completions", "embeddings")):
+            scheduler.emit(SchedulerEvent("request", "", "", fields={
+                "endpoint": path, "status": f"error: {exc.message[:200]}", "http_status": str(exc.status)}))
         return error_response(exc)
 
+    @app.exception_handler(HttpError)
+    async def _http_error(r: Request, exc: HttpError) -> Response:
+        return refused(r, exc)
+
     @app.exception_handler(LmsError)
-    async def _lms_error(_r: Request, exc: LmsError) -> Response:
-        return error_response(from_lms_error(exc))
+    async def _lms_error(r: Request, exc: LmsError) -> Response:
+        return refused(r, from_lms_error(exc))
 
     @app.exception_handler(ClientGone)
     async def _gone(_r: Request, _exc: ClientGone) -> Response:

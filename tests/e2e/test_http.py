@@ -457,8 +457,37 @@ def test_log_stream_follows_loads_requests_and_unloads(server: Server) -> None:
     kinds = [(e["kind"], e.get("reason")) for e in events]
     assert kinds == [("loaded", None), ("request", None), ("unloaded", "ttl")]
     req = events[1]
-    assert req["identifier"] == "alpha" and req["status"] == "ok" and int(req["completion_tokens"]) > 0
-    assert float(req["tokens_per_second"]) > 0
+    assert req["identifier"] == "alpha" and req["status"] == "ok" and req["completion_tokens"] > 0
+    assert isinstance(req["completion_tokens"], int) and isinstance(req["tokens_per_second"], float)
+    assert req["tokens_per_second"] > 0 and events[0]["context_length"] > 0
+
+
+def test_log_stream_filters_and_shows_refused_requests_settings_and_the_endpoint(server: Server) -> None:
+    import subprocess
+
+    proc = subprocess.Popen([server.lms.exe, "log", "stream", "--json", "--filter", "request,settings,server"],
+                            env=server.home.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # let the watcher subscribe before the events happen
+        with server.client() as c:
+            assert c.post("/v1/chat/completions", json={"model": "alpha"}).status_code == 400  # no messages
+        server.lms("load", "alpha", check=True)  # filtered out: a load
+        server.lms("server", "settings", "--no-jit", check=True)
+        server.lms("server", "settings", "--api-key-clear", check=True)
+        server.lms("server", "stop", check=True)
+        events = [json.loads(proc.stdout.readline()) for _ in range(4)]  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [e["kind"] for e in events] == ["request", "settings", "settings", "server"], events
+    refused = events[0]
+    assert refused["endpoint"] == "/v1/chat/completions" and refused["http_status"] == 400
+    assert refused["status"].startswith("error: messages")
+    assert events[1]["jit"] is False and events[1]["message"] == "jit=false"
+    assert events[2]["api_key"] == "cleared"
+    assert events[3]["message"] == "HTTP endpoint stopped"
+    bad = server.lms("log", "stream", "--filter", "loads")
+    assert bad.returncode == 2 and "--filter takes load, unload, request" in bad.stderr
 
 
 def test_json_mode_constrains_the_output(server: Server) -> None:
