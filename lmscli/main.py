@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmscli.commands import daemon, log, models, server
+from lmscli.commands import chat, daemon, log, models, server
 
 app = typer.Typer(
     name="lms",
@@ -18,6 +18,7 @@ app.add_typer(daemon.app, name="daemon")
 app.add_typer(server.app, name="server")
 app.add_typer(log.app, name="log")
 models.register(app)
+app.command("chat")(chat.chat)
 
 
 def _version(value: bool) -> None:

@@ -296,8 +296,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------- requests (the JIT entry point)
 
-    async def acquire(self, model: str, ttl: int | None = None) -> Lease:
-        """A slot on an instance serving `model`, loading it just in time if allowed.
+    async def acquire(self, model: str, ttl: int | None = None, *, jit: bool | None = None) -> Lease:
+        """A slot on an instance serving `model`, loading it just in time if allowed (`jit`: whatever the setting
+        says, for a caller that named the model itself, as `lms chat` does).
 
         `model` is an identifier, a key or a unique prefix of one. `ttl` applies only if this call causes the
         load. Raises ModelNotFound, InvalidArgument, QueueFull, Unavailable, WaitExceeded, ModelLoadFailed,
@@ -311,7 +312,7 @@ class Scheduler:
             self._check_open()  # the world may have changed while the catalog was read: look again
             inst = self._find_serving(entry.key)
             if inst is None:
-                if not self.settings().jit:
+                if not (self.settings().jit if jit is None else jit):
                     raise self._jit_off_error(model)
                 waiter = self._ride_load(entry, ttl)
             else:
@@ -325,7 +326,7 @@ class Scheduler:
             raise
         return Lease(self, inst)
 
-    async def target(self, model: str) -> tuple[ModelEntry, int, bool]:
+    async def target(self, model: str, *, jit: bool | None = None) -> tuple[ModelEntry, int, bool]:
         """What a request for `model` would run on, without loading anything: the model, the context length it
         has or would get from a JIT load, and whether it is loaded. Raises as `acquire` would for a model that
         cannot be served (unknown, path-like, unreadable, or unloaded with JIT off)."""
@@ -336,7 +337,7 @@ class Scheduler:
         inst = self._find_serving(entry.key)
         if inst is not None:
             return inst.entry, inst.context_length, True
-        if not self.settings().jit:
+        if not (self.settings().jit if jit is None else jit):
             raise self._jit_off_error(model)
         return entry, default_context_length(entry), False
 

@@ -34,6 +34,9 @@ _STATUS = {
     "internal": grpc.StatusCode.INTERNAL,
 }
 UNLOAD_GRACE = 10.0  # seconds `lms unload` lets running requests finish before ending them
+_HTTP_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+                500: grpc.StatusCode.INTERNAL}
 
 
 def instance_pb(v: InstanceView) -> pb.Instance:
@@ -263,6 +266,59 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         except PackageNotFoundError:
             llama = "not installed"
         return pb.VersionResponse(version=__version__, llama_cpp_python=llama)
+
+    async def Chat(self, request: pb.ChatRequest, context: Any) -> AsyncIterator[pb.ChatEvent]:
+        """`lms chat`: one turn, streamed, as /v1/chat/completions serves it (same checks, slots, events), with the
+        model loaded just in time even when JIT is off for HTTP — the user asked for this model by name."""
+        from pydantic import ValidationError
+
+        from lmsd.http.errors import HttpError
+        from lmsd.http.inference import Inference
+        from lmsd.http.schemas import ChatRequest
+
+        model = request.model.strip() or self._only_llm()
+        if not model:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "name a model: none or several are loaded (see `lms ps`, `lms ls`)")
+        fields: dict[str, Any] = {"model": model, "messages": [{"role": m.role, "content": m.content}
+                                                              for m in request.messages]}
+        for name in ("ttl_seconds", "max_tokens", "temperature"):
+            if request.HasField(name):
+                fields["ttl" if name == "ttl_seconds" else name] = getattr(request, name)
+        try:
+            body = ChatRequest.model_validate(fields)
+        except ValidationError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.errors()[0]["msg"]))
+        inference = Inference(self.scheduler)
+        started = time.perf_counter()
+        try:
+            entry = await inference.check(body, "chat", jit=True)
+            gen = await inference.begin(entry, body, "chat", "lms chat", started, jit=True)
+        except LmsError as exc:
+            inference._record_failure(model, "lms chat", exc, started)
+            await _abort(context, exc)
+            return
+        except HttpError as exc:
+            await context.abort(_HTTP_STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), exc.message)
+            return
+        try:
+            async for text in inference.tokens(gen):
+                if isinstance(text, HttpError):
+                    await context.abort(_HTTP_STATUS.get(text.status, grpc.StatusCode.INTERNAL), text.message)
+                    return
+                yield pb.ChatEvent(text=text)
+            stats, usage = gen.stats(), gen.usage()
+            yield pb.ChatEvent(done=pb.ChatDone(
+                identifier=gen.identifier, finish_reason=str(gen.done.get("finish_reason", "stop")),
+                prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                time_to_first_token=stats["time_to_first_token"], tokens_per_second=stats["tokens_per_second"],
+                generation_time=stats["generation_time"]))
+        finally:
+            await asyncio.shield(inference.finish(gen))  # gives the slot back, stops a cancelled generation
+
+    def _only_llm(self) -> str:
+        llms = [i.identifier for i in self.scheduler.instances() if i.entry.type != "embedding" and not i.draining]
+        return llms[0] if len(llms) == 1 else ""
 
     async def Shutdown(self, request: pb.ShutdownRequest, context: Any) -> pb.ShutdownResponse:
         log.info("shutdown requested over the control socket")

@@ -79,11 +79,12 @@ class Inference:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
 
-    async def check(self, body: ChatRequest | CompletionRequest | EmbeddingRequest, kind: str) -> ModelEntry:
+    async def check(self, body: ChatRequest | CompletionRequest | EmbeddingRequest, kind: str,
+                    jit: bool | None = None) -> ModelEntry:
         """Everything that can be refused before a load: unknown model, JIT off, wrong kind of model,
         max_tokens beyond the context the model has or would get."""
         try:
-            entry, n_ctx, _loaded = await self.scheduler.target(body.model)
+            entry, n_ctx, _loaded = await self.scheduler.target(body.model, jit=jit)
         except LmsError as exc:
             raise from_lms_error(exc) from None
         if kind in ("chat", "completion") and entry.type == "embedding":
@@ -99,28 +100,30 @@ class Inference:
                     endpoint: str) -> Generation:
         """Takes a slot (JIT-loading if needed) and waits for the first token, giving up if the client leaves."""
         entry = await self.check(body, kind)
-        params = body.worker_params()
         started = time.perf_counter()
-
-        async def begin() -> Generation:
-            lease = await self.scheduler.acquire(body.model, body.ttl)
-            try:
-                stream = lease.worker.generate(kind, params)
-            except BaseException:
-                self.scheduler.release(lease)  # never reached the worker
-                raise
-            try:
-                first = await stream.__anext__()
-            except BaseException:
-                await _close(stream)
-                self.scheduler.release(lease, until=stream.ended)  # the slot is free when the worker says so
-                raise
-            return Generation(lease, entry, stream, first, started, endpoint)
-
         try:
-            return await until_disconnect(request, begin(), orphan=self.finish)
+            return await until_disconnect(request, self.begin(entry, body, kind, endpoint, started),
+                                          orphan=self.finish)
         except LmsError as exc:
             raise self._record_failure(body.model, endpoint, exc, started) from None
+
+    async def begin(self, entry: ModelEntry, body: ChatRequest | CompletionRequest, kind: str, endpoint: str,
+                    started: float, jit: bool | None = None) -> Generation:
+        """Takes a slot (JIT-loading if needed, or if `jit`) and waits for the first token. The caller owns the
+        result: it must `finish` it."""
+        lease = await self.scheduler.acquire(body.model, body.ttl, jit=jit)
+        try:
+            stream = lease.worker.generate(kind, body.worker_params())
+        except BaseException:
+            self.scheduler.release(lease)  # never reached the worker
+            raise
+        try:
+            first = await stream.__anext__()
+        except BaseException:
+            await _close(stream)
+            self.scheduler.release(lease, until=stream.ended)  # the slot is free when the worker says so
+            raise
+        return Generation(lease, entry, stream, first, started, endpoint)
 
     async def collect(self, request: Request, gen: Generation) -> str:
         """Runs a non-streaming generation to its end; returns the text."""

@@ -100,6 +100,11 @@ class ControlStub:
                 request_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/lmsd.api.v1.Control/Chat',
+                request_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.ChatRequest.SerializeToString,
+                response_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.ChatEvent.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -189,6 +194,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """One chat turn (`lms chat`): loads the model just in time if needed, streams the answer, ends with stats.
+        Works with the HTTP endpoint off. Cancelling the call stops the generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +269,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.ShutdownRequest.FromString,
                     response_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.ShutdownResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=lmsd_dot_api_dot_v1_dot_control__pb2.ChatRequest.FromString,
+                    response_serializer=lmsd_dot_api_dot_v1_dot_control__pb2.ChatEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -609,6 +627,33 @@ class Control:
             '/lmsd.api.v1.Control/Shutdown',
             lmsd_dot_api_dot_v1_dot_control__pb2.ShutdownRequest.SerializeToString,
             lmsd_dot_api_dot_v1_dot_control__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmsd.api.v1.Control/Chat',
+            lmsd_dot_api_dot_v1_dot_control__pb2.ChatRequest.SerializeToString,
+            lmsd_dot_api_dot_v1_dot_control__pb2.ChatEvent.FromString,
             options,
             channel_credentials,
             insecure,

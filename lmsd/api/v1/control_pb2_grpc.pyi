@@ -53,6 +53,10 @@ class ControlStub:
     GetServerStatus: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServerStatusRequest, _control_pb2.HttpStatus]
     Shutdown: _grpc.UnaryUnaryMultiCallable[_control_pb2.ShutdownRequest, _control_pb2.ShutdownResponse]
     """Shuts the daemon down in order: drain, end workers, remove socket and pid file."""
+    Chat: _grpc.UnaryStreamMultiCallable[_control_pb2.ChatRequest, _control_pb2.ChatEvent]
+    """One chat turn (`lms chat`): loads the model just in time if needed, streams the answer, ends with stats.
+    Works with the HTTP endpoint off. Cancelling the call stops the generation.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -76,6 +80,10 @@ class ControlAsyncStub(ControlStub):
     GetServerStatus: _aio.UnaryUnaryMultiCallable[_control_pb2.ServerStatusRequest, _control_pb2.HttpStatus]  # type: ignore[assignment]
     Shutdown: _aio.UnaryUnaryMultiCallable[_control_pb2.ShutdownRequest, _control_pb2.ShutdownResponse]  # type: ignore[assignment]
     """Shuts the daemon down in order: drain, end workers, remove socket and pid file."""
+    Chat: _aio.UnaryStreamMultiCallable[_control_pb2.ChatRequest, _control_pb2.ChatEvent]  # type: ignore[assignment]
+    """One chat turn (`lms chat`): loads the model just in time if needed, streams the answer, ends with stats.
+    Works with the HTTP endpoint off. Cancelling the call stops the generation.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -174,5 +182,15 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ShutdownResponse, _abc.Awaitable[_control_pb2.ShutdownResponse]]:
         """Shuts the daemon down in order: drain, end workers, remove socket and pid file."""
+
+    @_abc_1.abstractmethod
+    def Chat(
+        self,
+        request: _control_pb2.ChatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.ChatEvent], _abc.AsyncIterator[_control_pb2.ChatEvent]]:
+        """One chat turn (`lms chat`): loads the model just in time if needed, streams the answer, ends with stats.
+        Works with the HTTP endpoint off. Cancelling the call stops the generation.
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
