@@ -25,6 +25,7 @@ from lmsd.catalog import Catalog
 from lmsd.config import ApiKeyStore, Paths, SettingsStore
 from lmsd.errors import LmsError
 from lmsd.http.server import HttpService
+from lmsd.metrics import Metrics
 from lmsd.memory import Measurements
 from lmsd.scheduler import Scheduler
 from lmsd.worker.handle import WorkerPool
@@ -56,13 +57,14 @@ class Daemon:
                                    max_queue=max_queue, measurements=Measurements(paths.cache_dir / "memory.json"))
         self.api_key = ApiKeyStore(paths.home / "api_key")
         self.http = HttpService(self._make_http_app)
+        self.metrics = Metrics(self.scheduler)  # counts from start-up, whether the HTTP endpoint runs or not
         self._lock_fd: int | None = None
 
     def _make_http_app(self, cors: bool, bind: str) -> Any:
         from lmsd.http.server import create_app
 
         return create_app(self.scheduler, self.catalog, lambda: self.settings_store.settings, self.api_key.get,
-                          cors=cors, bind=bind)
+                          cors=cors, bind=bind, metrics=self.metrics)
 
     async def start_http(self, port: int, bind: str, cors: bool) -> None:
         """Starts (or restarts) the HTTP endpoint and remembers it, so the next daemon start brings it back.
@@ -121,14 +123,22 @@ class Daemon:
     # ---------------------------------------------------------------- run
 
     async def run(self) -> None:
+        sock = str(self.paths.socket)
+        if len(sock) > _MAX_UNIX_PATH:
+            raise SystemExit(f"lmsd: the socket path {sock} is longer than Unix allows; use a shorter LMS_HOME")
+        # The models folder is indexed in the background from now on: requests wait only for the walk of its names.
+        self.catalog.start()
+        try:
+            await self._serve(sock)
+        finally:
+            await asyncio.to_thread(self.catalog.stop)  # a batch of headers being read is finished first
+
+    async def _serve(self, sock: str) -> None:
         import grpc
 
         from lmsd.api.v1 import control_pb2_grpc
         from lmsd.control.servicer import ControlServicer
 
-        sock = str(self.paths.socket)
-        if len(sock) > _MAX_UNIX_PATH:
-            raise SystemExit(f"lmsd: the socket path {sock} is longer than Unix allows; use a shorter LMS_HOME")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

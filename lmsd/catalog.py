@@ -1,26 +1,70 @@
-"""Models on disk: discovery under the models folder, keys, and metadata from GGUF headers only."""
+"""Models on disk: the catalog of the models folder, with metadata from GGUF headers only.
+
+The daemon's catalog is an index, built once in the background when the daemon starts (`Catalog.start`) and kept
+current by watching the folder (lmsd/catalog_watch.py), so that naming a model costs a few dictionary lookups
+however many models there are. docs/models.md describes what a user sees. The decisions:
+
+- The index (`View`, lmsd/catalog_index.py) is immutable and published whole: `resolve()` and `scan()` read the
+  latest one and never wait for a lock. A change (a walk of the folder, a file the watcher reports) builds a new one.
+- Before the first walk of the folder is done, a request waits for it: keys depend on every name in the folder (two
+  files with one base key are both renamed), and the walk reads names and sizes only, which is quick. A request
+  never waits for the headers of other models: a model whose header is not read yet is read when it is asked for.
+- A name the index does not know is looked up as one file (`models/<name>` or `models/<name>.gguf`: a stat), then
+  again after the watcher's next round (`Watcher.catch_up`), so a model written a moment ago is found; only then is
+  it unknown. An unknown name never walks the folder.
+- Without `start()` (tests, tools), `scan()` and `resolve()` read the folder on each call, as they always did.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import re
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
 
+from lmsd.catalog_index import (
+    AmbiguousModel,
+    File,
+    Meta,
+    ModelEntry,
+    View,
+    base_key,
+    indexable,
+    models,
+    part_paths,
+    quant_from_name,
+    stat_file,
+    walk,
+)
+from lmsd.catalog_watch import POLL_INTERVAL, Changes, Watcher, WatchFactory, watch_folder
 from lmsd.gguf_header import GGUFError, array_length, read_header
-from lmsd.matching import is_unique_match, rank_matches
+
+__all__ = ["AmbiguousModel", "Catalog", "ModelEntry", "base_key"]
 
 log = logging.getLogger(__name__)
 
-# A trailing quantization tag in a file stem: ".Q4_1", "-q4_k_m", "-IQ3_XS", ".F16", "-bf16" ...
-_QUANT_TAG = re.compile(r"[.\-_](?:i?q\d[a-z0-9_]*|f16|f32|bf16|fp16|fp32)$", re.IGNORECASE)
 _EMBEDDING_ARCHS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "t5encoder", "modern-bert"}
-MAX_DEPTH = 8  # publisher/repo/file.gguf is 3 deep; LM Studio's folders are never deeper than this
-MAX_ENTRIES = 200_000  # files and folders walked in one scan
 _CACHE_VERSION = 3  # 3: the header facts the memory estimate needs (n_layer ... n_vocab)
+
+# How long a request waits for the first walk of the folder (names and sizes, no headers) before it is answered
+# from what is known. A local folder of 500 models is walked in milliseconds; this bounds a hung network mount.
+NAMES_WAIT = 30.0
+# How long a listing waits for the first reading of every header before it lists the models whose header is not
+# read yet without their metadata. `lms ls` waits 60 s for its answer.
+LIST_WAIT = 30.0
+# How long a name the index does not know waits for the watcher's next round (or the next poll) before it is
+# reported unknown. The watcher reports a change within about 0.2 s.
+CATCH_UP_WAIT = 2.0
+# Headers are read by this many threads (the reader's numpy work and file reads let another thread run: 2 read
+# 500 headers ~1.3x faster than 1 on 2 cores), in batches of _BATCH between two publications of the index.
+_READERS = 2
+_BATCH = 128
+_MAX_PARTS_PROBED = 1024  # parts of one split model a request looks for on disk (names allow 99999)
 
 # Upper bounds for header numbers (model files come from the internet). The largest real models are far below
 # each; a value outside [1, bound] or of the wrong type is read as 0, "unknown", and never raises.
@@ -31,41 +75,6 @@ _MAX_HEAD_DIM = 1 << 16
 _MAX_VOCAB = 1 << 24
 _MAX_CONTEXT = 1 << 30
 
-
-@dataclass
-class ModelEntry:
-    key: str
-    path: str  # absolute path of the .gguf file
-    rel_path: str  # relative to the models folder, with forward slashes
-    size_bytes: int
-    arch: str = ""
-    quantization: str = ""
-    params: int = 0
-    max_context_length: int = 0
-    type: str = "llm"
-    has_chat_template: bool = False
-    # What the memory estimate (lmsd/memory.py) needs from the header; 0 = unknown or implausible.
-    n_layer: int = 0
-    n_head: int = 0
-    n_head_kv: int = 0  # the largest per-layer value where the header gives one per layer
-    n_embd: int = 0
-    head_dim_k: int = 0
-    head_dim_v: int = 0
-    n_vocab: int = 0
-    error: str = ""  # non-empty: the header could not be read; the model cannot be loaded
-
-    @property
-    def publisher(self) -> str:
-        parts = PurePosixPath(self.rel_path).parts
-        return parts[0] if len(parts) >= 3 else ""
-
-
-def base_key(filename: str) -> str:
-    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct`."""
-    stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
-    return _QUANT_TAG.sub("", stem).lower() or stem.lower()
-
-
 def _quant_name(file_type: object, filename: str) -> str:
     if isinstance(file_type, int):
         try:
@@ -74,8 +83,7 @@ def _quant_name(file_type: object, filename: str) -> str:
             return LlamaFileType(file_type).name.removeprefix("MOSTLY_").replace("GUESSED", "").strip("_")
         except ValueError:
             pass
-    m = _QUANT_TAG.search(filename[:-5])
-    return m.group(0)[1:].upper() if m else ""
+    return quant_from_name(filename)
 
 
 def _bounded(value: object, maximum: int) -> int:
@@ -135,92 +143,68 @@ def _describe(path: Path, rel: str, size: int) -> dict[str, object]:
     }
 
 
-class Catalog:
-    """The downloaded models. `scan()` is cheap when nothing changed: headers are cached by path, mtime and
-    size in memory and in LMS_HOME/cache/catalog.json."""
+def _read_meta(item: tuple[str, File]) -> Meta:
+    path, file = item
+    return {"stamp": file.stamp, **_describe(Path(path), file.rel, file.size)}
 
-    def __init__(self, models_dir: Path, cache_file: Path | None = None) -> None:
+
+class Catalog:
+    """The downloaded models. Headers are cached by path, mtime and size in memory and in LMS_HOME/cache/catalog.json,
+    so a restarted daemon reads only the headers of files that changed.
+
+    `start()` (the daemon) builds the index in a background thread and keeps it current with `watch` (or by polling
+    every `poll_interval` seconds where watching is not possible); without it, `scan()` and `resolve()` read the
+    folder on each call.
+    """
+
+    def __init__(self, models_dir: Path, cache_file: Path | None = None, *, watch: WatchFactory = watch_folder,
+                 poll_interval: float = POLL_INTERVAL) -> None:
         self.models_dir = models_dir
         self.cache_file = cache_file
-        self._lock = threading.Lock()  # guards _meta (scan may run from a worker thread)
-        self._meta: dict[str, dict[str, object]] = self._read_cache()
+        self._root = os.path.abspath(models_dir)
+        # Guards _files, _dirs, _meta, _cache_dirty and the publication of _view. Held while the folder's names are
+        # read (a walk, a stat) and the index rebuilt; never while a header is read, never by a reader.
+        self._lock = threading.Lock()
+        self._files: dict[str, File] = {}
+        self._dirs: set[str] = set()
+        self._meta: dict[str, Meta] = self._read_cache()
+        self._cache_dirty = False
+        self._view = View([])
+        self._named = threading.Event()  # the first walk is in the view: every name is known
+        self._described = threading.Event()  # ... and every header it found was read
+        self._watcher: Watcher | None = None
+        self._watch = watch
+        self._poll_interval = poll_interval
 
-    def _read_cache(self) -> dict[str, dict[str, object]]:
-        if self.cache_file is None:
-            return {}
-        try:
-            data = json.loads(self.cache_file.read_text())
-            return data["entries"] if data.get("version") == _CACHE_VERSION else {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return {}
+    # ------------------------------------------------------------ public
 
-    def _write_cache(self) -> None:
-        if self.cache_file is None:
-            return
-        try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"version": _CACHE_VERSION, "entries": self._meta}))
-            os.replace(tmp, self.cache_file)
-        except OSError as exc:
-            log.warning("cannot write catalog cache: %s", exc)
+    def start(self) -> None:
+        """Builds the index in the background and keeps it current (the daemon, once). Returns at once."""
+        if self._watcher is None:
+            self._watcher = Watcher(self._root, self._watch, self, poll_interval=self._poll_interval)
+            self._watcher.start()
 
-    def _files(self) -> list[Path]:
-        """Every *.gguf below the models folder. Links are followed (a user's LM Studio folder is often links), but
-        each real directory is visited once — a symlink loop cannot multiply the walk — and the walk is bounded in
-        depth and in entries, so one odd folder can never hold the catalog (and the daemon) for long."""
-        if not self.models_dir.is_dir():
-            return []
-        found: list[Path] = []
-        seen: set[tuple[int, int]] = set()
-        entries = 0
-        for root, dirs, files in os.walk(self.models_dir, followlinks=True):
-            try:
-                st = os.stat(root)
-            except OSError:
-                dirs[:] = []
-                continue
-            if (st.st_dev, st.st_ino) in seen:
-                dirs[:] = []  # reached again through a link: already walked
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            depth = len(Path(root).relative_to(self.models_dir).parts)
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < MAX_DEPTH else []
-            entries += len(dirs) + len(files)
-            found.extend(Path(root) / f for f in sorted(files) if f.lower().endswith(".gguf") and not f.startswith("."))
-            if entries > MAX_ENTRIES:
-                log.warning("the models folder %s has more than %d entries; listing stopped there", self.models_dir,
-                            MAX_ENTRIES)
-                break
-        return found
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+
+    @property
+    def mode(self) -> str:
+        """How the folder is followed: "watching", "polling" (watching was not possible), "waiting" (no folder yet),
+        "starting", or "off" (not started, or stopped: every call reads the folder)."""
+        return self._watcher.mode if self._indexed() and self._watcher is not None else "off"
 
     def scan(self) -> list[ModelEntry]:
-        with self._lock:
-            entries: list[ModelEntry] = []
-            changed = False
-            seen: set[str] = set()
-            for path in self._files():
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue  # a dangling link or a file removed while scanning
-                rel = path.relative_to(self.models_dir).as_posix()
-                stamp = f"{st.st_mtime_ns}:{st.st_size}"
-                cached = self._meta.get(str(path))
-                if cached is None or cached.get("stamp") != stamp:
-                    cached = {"stamp": stamp, **_describe(path, rel, st.st_size)}
-                    self._meta[str(path)] = cached
-                    changed = True
-                seen.add(str(path))
-                meta = {k: v for k, v in cached.items() if k != "stamp"}
-                entries.append(ModelEntry(key="", path=str(path), rel_path=rel, size_bytes=st.st_size, **meta))  # type: ignore[arg-type]
-            for gone in set(self._meta) - seen:
-                del self._meta[gone]
-                changed = True
-            if changed:
-                self._write_cache()
-        _assign_keys(entries)
-        return sorted(entries, key=lambda e: e.key)
+        """Every model, sorted by key (copies: callers may change them). Watched, the index is the folder within a
+        fraction of a second; otherwise (polling, no folder yet) a listing asks for a poll first."""
+        if self._indexed():
+            self._described.wait(LIST_WAIT)
+            if self._watcher is not None and self._watcher.mode in ("polling", "waiting"):
+                self._watcher.catch_up(CATCH_UP_WAIT)
+        else:
+            self.refresh()
+            self.read_headers()
+        return [dataclasses.replace(e) for e in self._view.entries]
 
     def resolve(self, name: str) -> ModelEntry:
         """The one model `name` means: a key, a unique key prefix, or a path relative to the models folder.
@@ -230,55 +214,161 @@ class Catalog:
         name = name.strip()
         if not name:
             raise ValueError("a model name is required")
-        entries = self.scan()
         if "\\" in name or name.startswith(("/", "~")) or ".." in PurePosixPath(name).parts:
             raise ValueError(
                 f"'{name}' looks like a filesystem path; name a model by its key or by its path inside the "
                 f"models folder ({self.models_dir})"
             )
-        by_key = {e.key.lower(): e for e in entries}
-        if name.lower() in by_key:
-            return by_key[name.lower()]
-        for e in entries:
-            if name in (e.rel_path, e.rel_path[:-5]):
-                return e
-        keys = [e.key for e in entries]
-        if is_unique_match(name, keys):
-            return by_key[rank_matches(name, keys)[0].lower()]
-        candidates = rank_matches(name, keys)
-        prefix = [k for k in candidates if k.lower().startswith(name.lower()) or name.lower() in k.lower()]
-        if len(prefix) > 1:
-            raise AmbiguousModel(name, prefix)
-        hint = f" Did you mean: {', '.join(candidates[:3])}?" if candidates else ""
-        raise LookupError(f"no model '{name}' in {self.models_dir}.{hint} See `lms ls` for the models you have.")
+        if not self._indexed():
+            view = View(self.scan())
+            entry = view.find(name)
+            if entry is None:
+                view.fail(name, self.models_dir)
+            return entry  # type: ignore[return-value]
+        self._named.wait(NAMES_WAIT)
+        entry = self._view.find(name)
+        if entry is None and not self._view.ambiguous(name):  # unknown: maybe new
+            entry = self._probe(name)
+            if entry is None and self._watcher is not None:
+                self._watcher.catch_up(CATCH_UP_WAIT)
+                entry = self._view.find(name)
+        if entry is None:
+            self._view.fail(name, self.models_dir)
+        return dataclasses.replace(self._complete(entry))  # type: ignore[arg-type]
 
+    # ------------------------------------------------------------ changes: from the watcher's thread, and from a
+    # request for a file the index does not know yet
 
-class AmbiguousModel(LookupError):
-    def __init__(self, name: str, candidates: list[str]) -> None:
-        self.candidates = candidates
-        super().__init__(f"'{name}' matches several models: {', '.join(candidates)}; name one of them exactly")
+    def refresh(self, paths: Iterable[str] | None = None) -> bool:
+        """Brings the index in line with the folder: every file (a walk) or the given paths (a stat each). Returns
+        whether the folder's files changed."""
+        with self._lock:
+            if paths is None:
+                files, self._dirs = walk(self._root, self._stopping)
+                changed = files != self._files
+                self._files = files
+            else:
+                changed = False
+                for path in paths:
+                    rel = os.path.relpath(path, self._root).replace(os.sep, "/")
+                    file = stat_file(path, rel) if indexable(rel) else None
+                    if file != self._files.get(path):
+                        changed = True
+                        if file is None:
+                            del self._files[path]
+                        else:
+                            self._files[path] = file
+            for gone in [p for p in self._meta if p not in self._files]:
+                del self._meta[gone]
+                self._cache_dirty = True
+            if changed or paths is None:
+                self._publish()
+        return changed
 
+    def read_headers(self, only: Iterable[str] | None = None, save: bool = True) -> None:
+        """Reads the headers the index lacks (or those of `only` that it lacks), publishing the index after each
+        batch, then saves the cache. Headers are read outside the lock: readers and the watcher go on meanwhile."""
+        with self._lock:
+            wanted = self._view.pending if only is None else self._view.pending.intersection(only)
+            todo = [(path, self._files[path]) for path in sorted(wanted) if path in self._files]
+        with ThreadPoolExecutor(_READERS, thread_name_prefix="lmsd-header") if len(todo) > 1 else nullcontext() as pool:
+            for start in range(0, len(todo), _BATCH):
+                if self._stopping():
+                    break
+                batch = todo[start : start + _BATCH]
+                metas = list(pool.map(_read_meta, batch)) if pool is not None else [_read_meta(t) for t in batch]
+                with self._lock:
+                    for (path, _file), meta in zip(batch, metas, strict=True):
+                        self._meta[path] = meta
+                    self._cache_dirty = True
+                    self._publish()
+        if save:
+            self._write_cache()
 
-def _assign_keys(entries: list[ModelEntry]) -> None:
-    """Key = base key; where several files share it, the publisher/repo path goes in front, then `@quant`."""
-    groups: dict[str, list[ModelEntry]] = {}
-    for e in entries:
-        groups.setdefault(base_key(Path(e.rel_path).name), []).append(e)
-    for base, group in groups.items():
-        if len(group) == 1:
-            group[0].key = base
-            continue
-        for e in group:
-            parent = PurePosixPath(e.rel_path).parent.as_posix().lower()
-            e.key = base if parent == "." else f"{parent}/{base}"
-        _disambiguate(group, lambda e: f"{e.key}@{(e.quantization or 'unknown').lower()}")
-        _disambiguate(group, lambda e: e.rel_path[:-5].lower())
+    def apply(self, changes: Changes) -> None:
+        """What the watcher saw: files changed (a stat each), or a folder came, went or moved (a walk of names:
+        what is below it is not in `changes`)."""
+        with self._lock:
+            dirs = set(self._dirs)
+        files: list[str] = []
+        folders = False
+        for _change, path in changes:
+            if path.lower().endswith(".gguf") and os.path.dirname(path) in dirs:
+                files.append(path)
+            elif path in dirs or os.path.isdir(path):
+                folders = True
+        if folders:
+            self.refresh()
+        elif files:
+            self.refresh(files)
+        self.read_headers()
 
+    def built(self, names: bool, headers: bool) -> None:
+        if names:
+            self._named.set()
+        if headers:
+            self._described.set()
 
-def _disambiguate(group: list[ModelEntry], longer: object) -> None:
-    counts: dict[str, int] = {}
-    for e in group:
-        counts[e.key] = counts.get(e.key, 0) + 1
-    for e in group:
-        if counts[e.key] > 1:
-            e.key = longer(e)  # type: ignore[operator]
+    # ------------------------------------------------------------ internals
+
+    def _indexed(self) -> bool:
+        return self._watcher is not None and self._watcher.alive
+
+    def _stopping(self) -> bool:
+        """The index's thread is being stopped: its walk and its reading of headers end early."""
+        return self._watcher is not None and self._watcher.alive and self._watcher.stopping
+
+    def _publish(self) -> None:
+        entries, pending = models(self._files, self._meta)
+        self._view = View(entries, pending)
+
+    def _probe(self, name: str) -> ModelEntry | None:
+        """A path in the folder the index does not know yet, looked at directly (for a split model, its parts)."""
+        rel = name if name.lower().endswith(".gguf") else f"{name}.gguf"
+        if not indexable(rel):
+            return None
+        path = os.path.join(self._root, *rel.split("/"))
+        if not self.refresh(part_paths(path, _MAX_PARTS_PROBED) or [path]):
+            return None
+        return self._view.find(name)
+
+    def _complete(self, entry: ModelEntry) -> ModelEntry:
+        """The entry with its header read: while the index is first built, it may not have reached it yet."""
+        view = self._view
+        if not view.pending:
+            return entry
+        mine = view.pending.intersection(part_paths(entry.path, _MAX_PARTS_PROBED) or [entry.path])
+        if not mine:
+            return entry
+        self.read_headers(mine, save=False)  # the index's thread saves the cache once it has read the rest
+        return self._view.by_name.get(entry.rel_path, entry)
+
+    def _read_cache(self) -> dict[str, Meta]:
+        if self.cache_file is None:
+            return {}
+        try:
+            data = json.loads(self.cache_file.read_text())
+            entries = data["entries"] if data.get("version") == _CACHE_VERSION else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        # A damaged cache costs a header read, never the index: only entries that can make a ModelEntry are kept.
+        known = {f.name for f in dataclasses.fields(ModelEntry)} | {"stamp"}
+        return {path: meta for path, meta in entries.items()
+                if isinstance(meta, dict) and isinstance(meta.get("stamp"), str) and meta.keys() <= known} \
+            if isinstance(entries, dict) else {}
+
+    def _write_cache(self) -> None:
+        if self.cache_file is None:
+            return
+        with self._lock:
+            if not self._cache_dirty:
+                return
+            text = json.dumps({"version": _CACHE_VERSION, "entries": self._meta})
+            self._cache_dirty = False
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.cache_file)
+        except OSError as exc:
+            log.warning("cannot write catalog cache: %s", exc)

@@ -1,10 +1,11 @@
-"""LM Studio's REST API v1 (load, unload, list) and /health on the real daemon, over plain HTTP."""
+"""LM Studio's REST API v1 (load, unload, list), /health and /metrics on the real daemon, over plain HTTP."""
 
 from __future__ import annotations
 
 import time
 
-from tests.conftest import wait_until
+import httpx
+
 from tests.e2e.conftest import Server
 
 
@@ -57,17 +58,38 @@ def test_health_and_listings_never_keep_a_model_loaded(server: Server) -> None:
         assert health["status"] == "ok" and health["loaded"] == 0
 
 
-def test_a_client_that_leaves_during_a_load_withdraws_it(server: Server) -> None:
-    import json
-    import socket
-    from urllib.parse import urlsplit
+def test_metrics_count_requests_tokens_and_loads_in_prometheus_format(server: Server) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
 
-    url = urlsplit(server.url)
-    body = json.dumps({"model": "smollm2-135m-instruct", "identifier": "abandoned"}).encode()
-    sock = socket.create_connection((url.hostname, url.port))
-    sock.sendall(b"POST /api/v1/models/load HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    wait_until(lambda: [i["identifier"] for i in server.loaded()] == ["abandoned"], timeout=30,
-               what="the load to start")
-    sock.close()  # the client leaves while the model loads
-    wait_until(lambda: server.loaded() == [], timeout=30, what="the abandoned load to be withdrawn")
+    def scrape(c: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+    with server.client() as c:
+        ok = c.post("/v1/chat/completions", json={"model": "alpha", "max_tokens": 5, "ttl": 600,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200
+        assert c.post("/v1/chat/completions", json={"model": "made-up-name", "messages": [
+            {"role": "user", "content": "hi"}]}).status_code == 404
+        got = scrape(c)
+    chat = (("endpoint", "/v1/chat/completions"), ("model", "alpha"), ("outcome", "ok"))
+    assert got[("lms_requests_total", chat)] == 1
+    assert got[("lms_generated_tokens_total", (("model", "alpha"),))] == ok.json()["usage"]["completion_tokens"]
+    assert got[("lms_prompt_tokens_total", (("model", "alpha"),))] == ok.json()["usage"]["prompt_tokens"]
+    assert got[("lms_time_to_first_token_seconds_count", (("model", "alpha"),))] == 1
+    assert got[("lms_loads_total", (("model", "alpha"), ("origin", "jit"), ("result", "ok")))] == 1
+    assert got[("lms_loaded_instances", (("origin", "jit"),))] == 1
+    assert got[("lms_worker_memory_bytes", (("identifier", "alpha"), ("model", "alpha")))] > 0
+    refused = (("endpoint", "/v1/chat/completions"), ("model", ""), ("outcome", "error"))
+    assert got[("lms_requests_total", refused)] == 1  # a name a client made up is no label of its own
+
+    import subprocess
+
+    secret = "metrics-key-123"
+    subprocess.run([server.lms.exe, "server", "settings", "--api-key-set"], input=secret + "\n",
+                   env=server.home.env, capture_output=True, text=True, timeout=60, check=True)
+    with server.client() as c:
+        assert c.get("/metrics").status_code == 401  # behind the API key, like every route
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {secret}"}).status_code == 200

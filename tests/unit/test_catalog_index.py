@@ -1,0 +1,391 @@
+"""The catalog as the daemon runs it: an index built in the background and kept current by watching the folder
+(or polling it), split models, and requests that never walk the folder. Real files in tmp_path; where the watcher
+must notice a change, the test polls the index with a deadline."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmsd.catalog as catalog_mod
+import lmsd.catalog_index as index_mod
+from lmsd.catalog import Catalog, ModelEntry, base_key
+
+DEADLINE = 15.0  # seconds a test waits for the watcher; it reports a change within about 0.2 s
+
+
+def small_gguf(path: Path, n_tensors: int = 1, arch: str | None = "llama", context: int = 1024) -> Path:
+    """A valid GGUF of a few hundred bytes: `n_tensors` 4x4 F32 tensors; the architecture keys only for a first
+    part (the other parts of a split model carry tensors only)."""
+    from gguf import GGUFWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = GGUFWriter(str(path), arch or "llama")
+    if arch is None:
+        w.kv_data[0].pop("general.architecture", None)
+    else:
+        w.add_context_length(context)
+        w.add_block_count(2)
+    for i in range(n_tensors):
+        w.add_tensor(f"t{path.stem}.{i}", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {DEADLINE}s: {what}")
+        time.sleep(0.02)
+
+
+def keys(cat: Catalog) -> list[str]:
+    return [e.key for e in cat.scan()]
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[..., Catalog]]:
+    """Starts catalogs and stops them after the test."""
+    running: list[Catalog] = []
+
+    def start(models: Path, cache: Path | None = None, **kw: object) -> Catalog:
+        cat = Catalog(models, cache, **kw)  # type: ignore[arg-type]
+        cat.start()
+        running.append(cat)
+        return cat
+
+    yield start
+    for cat in running:
+        cat.stop()
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, any_thread: bool = False) -> list[object]:
+    """The calls of owner.name made by this thread (the test's requests), or by any (the index's own too)."""
+    calls: list[object] = []
+    real = getattr(owner, name)
+    me = threading.get_ident()
+
+    def counting(*args: object, **kw: object) -> object:
+        if any_thread or threading.get_ident() == me:
+            calls.append(args[0] if args else None)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+# ---------------------------------------------------------------- the watched index
+
+
+def test_files_added_and_removed_are_followed_without_walking_per_request(
+        tmp_path: Path, started: Callable[..., Catalog], monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "pub" / "repo" / "alpha.Q4_0.gguf")
+    cat = started(models)
+    assert keys(cat) == ["alpha"]
+    until(lambda: cat.mode == "watching", "the watch is set")
+    walks = count_calls(monkeypatch, catalog_mod, "walk", any_thread=True)
+
+    small_gguf(models / "pub" / "repo" / "beta.Q8_0.gguf")
+    until(lambda: "beta" in keys(cat), "a new file in a known folder is indexed")
+    assert cat.resolve("beta").arch == "llama"  # its header was read
+    (models / "pub" / "repo" / "alpha.Q4_0.gguf").unlink()
+    until(lambda: keys(cat) == ["beta"], "a removed file leaves the index")
+    assert walks == []  # files in folders the index knows: one stat each, no walk
+
+    small_gguf(models / "newpub" / "repo" / "gamma.gguf")  # a new folder: what is below it is walked
+    until(lambda: "gamma" in keys(cat), "a file in a new folder is indexed")
+    walked = len(walks)
+    assert walked >= 1
+    for _ in range(50):
+        assert cat.resolve("gamma").rel_path == "newpub/repo/gamma.gguf"
+    assert len(walks) == walked  # per folder event, not per request
+
+
+def test_resolving_does_not_walk_the_folder(tmp_path: Path, started: Callable[..., Catalog],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    for i in range(40):
+        small_gguf(models / f"pub{i % 4}" / "repo" / f"model-{i:02d}.Q4_0.gguf")
+    small_gguf(models / "pub0" / "zephyr" / "zephyr-7b-beta.Q4_K_M.gguf")
+    cat = started(models)
+    cat.scan()
+    calls = [count_calls(monkeypatch, os, name) for name in ("walk", "scandir", "listdir", "stat", "lstat")]
+    for _ in range(100):
+        assert cat.resolve("model-07").key == "model-07"  # exact key
+        assert cat.resolve("MODEL-39").key == "model-39"  # any case
+        assert cat.resolve("zeph").key == "zephyr-7b-beta"  # unique prefix
+        assert cat.resolve("pub3/repo/model-03.Q4_0.gguf").key == "model-03"  # path in the folder
+        assert cat.resolve("pub3/repo/model-03.Q4_0").key == "model-03"
+    with pytest.raises(catalog_mod.AmbiguousModel):
+        cat.resolve("model-1")
+    assert calls == [[]] * 5
+
+
+def test_a_unique_prefix_resolves_by_bisection(tmp_path: Path, started: Callable[..., Catalog],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    for name in ("qwen2.5-7b-instruct.Q4_K_M", "qwen2.5-0.5b-instruct.Q8_0", "llama-3.2-1b.Q4_0"):
+        small_gguf(models / "pub" / name.split(".Q")[0] / f"{name}.gguf")
+    cat = started(models)
+    cat.scan()
+    walks = count_calls(monkeypatch, os, "walk")
+    assert cat.resolve("qwen2.5-7").key == "qwen2.5-7b-instruct"
+    assert cat.resolve("LLAMA").key == "llama-3.2-1b"
+    with pytest.raises(catalog_mod.AmbiguousModel, match="several models: qwen2.5-7b-instruct, qwen2.5-0.5b-instruct"):
+        cat.resolve("qwen")
+    assert walks == []
+
+
+def test_an_unknown_name_waits_for_the_watcher_then_fails(tmp_path: Path, started: Callable[..., Catalog],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    cat = started(models)
+    cat.scan()
+    walks = count_calls(monkeypatch, os, "walk")
+    with pytest.raises(LookupError, match="Did you mean: alpha"):
+        cat.resolve("alpah")
+    assert walks == []
+
+
+def test_a_file_just_written_is_found_by_its_path_before_the_watcher_reports_it(
+        tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    never = threading.Event()
+
+    def silent(root: str, stop: threading.Event) -> Iterator[set[tuple[int, str]]]:
+        yield set()  # the watch is set; it then never reports anything
+        stop.wait()
+        never.set()
+
+    cat = started(models, watch=silent)
+    cat.scan()
+    small_gguf(models / "pub" / "repo" / "fresh.Q4_0.gguf")
+    entry = cat.resolve("pub/repo/fresh.Q4_0.gguf")  # one file looked at directly
+    assert (entry.key, entry.arch, entry.max_context_length) == ("fresh", "llama", 1024)
+    assert cat.resolve("fresh").rel_path == "pub/repo/fresh.Q4_0.gguf"  # and in the index from now on
+
+
+def test_links_are_followed_and_watched(tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    elsewhere = tmp_path / "lmstudio" / "publisher"
+    small_gguf(elsewhere / "repo" / "linked.Q4_0.gguf")
+    models = tmp_path / ".lmstudio" / "models"  # a hidden folder above the models folder hides nothing in it
+    models.mkdir(parents=True)
+    os.symlink(elsewhere, models / "publisher")
+    cat = started(models)
+    assert [e.rel_path for e in cat.scan()] == ["publisher/repo/linked.Q4_0.gguf"]
+    until(lambda: cat.mode == "watching", "the watch is set")
+    small_gguf(elsewhere / "repo" / "added.Q4_0.gguf")  # written through the real path
+    until(lambda: "added" in keys(cat), "a file added behind a link is indexed")
+
+
+def test_a_request_during_a_cold_start_waits_for_names_not_for_every_header(
+        tmp_path: Path, started: Callable[..., Catalog], monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    for name in ("aaa", "bbb", "ccc", "ddd"):
+        small_gguf(models / "pub" / name / f"{name}.gguf")
+    gate = threading.Event()
+    real = catalog_mod.read_header
+
+    def slow(path: Path, *args: object) -> object:
+        if path.name != "ddd.gguf":
+            gate.wait(DEADLINE)  # the index's own reads are stuck until the test opens the gate
+        return real(path)
+
+    monkeypatch.setattr(catalog_mod, "read_header", slow)
+    cat = started(models, tmp_path / "catalog.json")
+    try:
+        entry = cat.resolve("ddd")  # reads its own header in the request
+        assert (entry.arch, entry.max_context_length, entry.error) == ("llama", 1024, "")
+        assert not gate.is_set()
+    finally:
+        gate.set()
+    assert [e.arch for e in cat.scan()] == ["llama"] * 4
+
+
+def test_the_cache_file_spares_the_headers_on_restart(tmp_path: Path, started: Callable[..., Catalog],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    for i in range(10):
+        small_gguf(models / "pub" / f"r{i}" / f"m{i}.gguf")
+    cache = tmp_path / "cache" / "catalog.json"
+    first = started(models, cache)
+    assert len(first.scan()) == 10
+    first.stop()
+    reads = count_calls(monkeypatch, catalog_mod, "read_header")
+    again = started(models, cache)  # a daemon restart
+    assert [e.arch for e in again.scan()] == ["llama"] * 10 and reads == []
+
+
+def test_without_watching_the_folder_is_polled(tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    def cannot_watch(root: str, stop: threading.Event) -> Iterator[set[tuple[int, str]]]:
+        raise OSError(28, "inotify watch limit reached")
+
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    cat = started(models, watch=cannot_watch, poll_interval=0.05)
+    assert keys(cat) == ["alpha"]
+    until(lambda: cat.mode == "polling", "polling instead of watching")
+    small_gguf(models / "pub" / "repo" / "beta.gguf")
+    until(lambda: "beta" in keys(cat), "a poll finds the new file")
+
+
+def test_polling_a_miss_asks_for_a_poll_now(tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    def cannot_watch(root: str, stop: threading.Event) -> Iterator[set[tuple[int, str]]]:
+        raise OSError(28, "inotify watch limit reached")
+
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    cat = started(models, watch=cannot_watch, poll_interval=3600)  # never on its own during the test
+    cat.scan()
+    until(lambda: cat.mode == "polling", "polling instead of watching")
+    small_gguf(models / "pub" / "repo" / "beta.Q4_0.gguf")
+    assert cat.resolve("beta").rel_path == "pub/repo/beta.Q4_0.gguf"
+
+
+def test_a_folder_that_does_not_exist_yet_is_waited_for(tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    models = tmp_path / "models"
+    cat = started(models, poll_interval=0.05)
+    assert cat.scan() == []
+    with pytest.raises(LookupError, match="no model 'alpha'"):
+        cat.resolve("alpha")
+    assert cat.mode == "waiting"
+    small_gguf(models / "alpha.gguf")
+    until(lambda: keys(cat) == ["alpha"], "the folder, once created, is indexed")
+    until(lambda: cat.mode == "watching", "and watched")
+    small_gguf(models / "beta.gguf")
+    until(lambda: keys(cat) == ["alpha", "beta"], "changes are followed")
+
+
+def test_stop_ends_the_thread_and_the_catalog_reads_the_folder_again(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    cat = Catalog(models)
+    cat.start()
+    assert keys(cat) == ["alpha"]
+    started_at = time.monotonic()
+    cat.stop()
+    assert time.monotonic() - started_at < 5 and cat.mode == "off"
+    small_gguf(models / "beta.gguf")
+    assert keys(cat) == ["alpha", "beta"]  # not started any more: each call reads the folder
+
+
+# ---------------------------------------------------------------- split models
+
+
+def write_split(folder: Path, name: str, parts: int, missing: tuple[int, ...] = ()) -> list[Path]:
+    paths = []
+    for n in range(1, parts + 1):
+        path = folder / f"{name}-{n:05d}-of-{parts:05d}.gguf"
+        if n not in missing:
+            small_gguf(path, n_tensors=n, arch="llama" if n == 1 else None)
+            paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("Meta-Llama-3.1-70B-Instruct-Q4_K_M-00001-of-00002.gguf", "meta-llama-3.1-70b-instruct"),
+        ("qwen2.5-72b-instruct-q8_0-00003-of-00012.gguf", "qwen2.5-72b-instruct"),
+        ("big-00001-of-00003.gguf", "big"),
+    ],
+)
+def test_key_drops_the_part_number_then_the_quantization(name: str, key: str) -> None:
+    assert base_key(name) == key
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_split_model_is_listed_once_as_its_first_part(tmp_path: Path, started: Callable[..., Catalog],
+                                                        indexed: bool) -> None:
+    models = tmp_path / "models"
+    paths = write_split(models / "pub" / "repo", "Big-Q4_K_M", 3)
+    small_gguf(models / "pub" / "other" / "small.Q4_0.gguf")
+    cat = started(models) if indexed else Catalog(models)
+    entries = {e.key: e for e in cat.scan()}
+    assert sorted(entries) == ["big", "small"]
+    big = entries["big"]
+    assert big.rel_path == "pub/repo/Big-Q4_K_M-00001-of-00003.gguf" and big.path == str(paths[0])
+    assert big.size_bytes == sum(p.stat().st_size for p in paths)
+    assert big.params == 16 * (1 + 2 + 3)  # every part's tensors
+    assert (big.arch, big.max_context_length, big.error) == ("llama", 1024, "")
+    for name in ("big", "bi", "pub/repo/Big-Q4_K_M-00001-of-00003.gguf", "pub/repo/Big-Q4_K_M"):
+        assert cat.resolve(name).key == "big"
+    with pytest.raises(LookupError):
+        cat.resolve("pub/repo/Big-Q4_K_M-00002-of-00003")  # a later part is not a model of its own
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_split_model_with_a_part_missing_says_which(tmp_path: Path, started: Callable[..., Catalog],
+                                                      indexed: bool) -> None:
+    models = tmp_path / "models"
+    paths = write_split(models / "pub" / "repo", "Big-Q4_K_M", 3, missing=(2,))
+    cat = started(models) if indexed else Catalog(models)
+    (big,) = cat.scan()
+    assert big.key == "big" and big.size_bytes == sum(p.stat().st_size for p in paths)
+    assert big.error == "part 2 of 3 is missing (Big-Q4_K_M-00002-of-00003.gguf)"
+    assert cat.resolve("big").error == big.error  # the scheduler refuses to load an entry with an error
+
+
+def test_a_split_model_completed_later_becomes_loadable(tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    models = tmp_path / "models"
+    write_split(models / "pub" / "repo", "Big", 2, missing=(1,))
+    cat = started(models)
+    (big,) = cat.scan()
+    assert big.error == "part 1 of 2 is missing (Big-00001-of-00002.gguf)"
+    until(lambda: cat.mode == "watching", "the watch is set")
+    small_gguf(models / "pub" / "repo" / "Big-00001-of-00002.gguf", n_tensors=1)
+    until(lambda: cat.scan()[0].error == "", "the first part arrives")
+    assert cat.scan()[0].params == 16 * (1 + 2)
+
+
+def test_a_damaged_part_makes_the_model_unreadable(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    paths = write_split(models / "pub" / "repo", "Big", 2)
+    paths[1].write_bytes(paths[1].read_bytes()[:40])
+    (big,) = Catalog(models).scan()
+    assert big.error.startswith("part 2 of 2 (Big-00002-of-00002.gguf): ")
+
+
+def test_entries_are_copies(tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    cat = started(models)
+    entry: ModelEntry = cat.resolve("alpha")
+    entry.error = "patched by a caller"
+    assert cat.resolve("alpha").error == "" and cat.scan()[0].error == ""
+
+
+def test_index_functions_are_pure(tmp_path: Path) -> None:
+    """The index is a function of the files and the header metadata: no file is read to build it."""
+    files = {f"/m/pub/r/{n}.gguf": index_mod.File(f"pub/r/{n}.gguf", 10, "1:10") for n in ("a.Q4_0", "a.Q8_0")}
+    entries, pending = index_mod.models(files, {})
+    assert sorted(e.key for e in entries) == ["pub/r/a@q4_0", "pub/r/a@q8_0"] and pending == set(files)
+
+
+def test_a_damaged_cache_file_costs_header_reads_not_the_index(tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    small_gguf(models / "beta.gguf")
+    cache = tmp_path / "catalog.json"
+    Catalog(models, cache).scan()
+    import json
+
+    data = json.loads(cache.read_text())
+    first, second = sorted(data["entries"])
+    data["entries"][first]["surprise"] = 1
+    data["entries"][second] = ["not", "a", "dict"]
+    cache.write_text(json.dumps(data))
+    assert [e.arch for e in started(models, cache).scan()] == ["llama", "llama"]
