@@ -25,8 +25,8 @@ from lmsd.catalog import Catalog
 from lmsd.config import ApiKeyStore, Paths, SettingsStore
 from lmsd.errors import LmsError
 from lmsd.http.server import HttpService
-from lmsd.metrics import Metrics
 from lmsd.memory import Measurements
+from lmsd.metrics import Metrics
 from lmsd.scheduler import Scheduler
 from lmsd.worker.handle import WorkerPool
 
