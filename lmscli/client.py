@@ -103,6 +103,7 @@ class DaemonClient:
         self.paths = paths or Paths.from_env()
         self._stub: ControlStub | None = None
         self._channel: Any = None
+        self.started_here = False  # set by start()
 
     @property
     def stub(self) -> ControlStub:
@@ -153,7 +154,8 @@ class DaemonClient:
         return self
 
     def start(self) -> int:
-        """Starts lmsd detached and returns once it is healthy; returns its pid."""
+        """Starts lmsd detached and returns once it is healthy; returns its pid. `started_here` then says whether
+        it is the one this call started (two `lms daemon up` at once: one of them starts it, the other finds it)."""
         self.paths.log_dir.mkdir(parents=True, exist_ok=True)
         out_path = self.paths.log_dir / "lmsd.out"
         with open(out_path, "ab") as out:
@@ -167,7 +169,9 @@ class DaemonClient:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.healthy(timeout=1.0):
-                return self.pid() or proc.pid
+                pid = self.pid() or proc.pid
+                self.started_here = pid == proc.pid
+                return pid
             code = proc.poll()
             if code is not None and code != EXIT_ALREADY_RUNNING:
                 raise CliError(

@@ -239,6 +239,8 @@ def print_settings(s: Any) -> None:
     table.add_row("load_timeout", f"{format_duration(s.load_timeout)}", "a load without progress this long is killed")
     table.add_row("max_wait", f"{format_duration(s.max_wait)}", "how long a request may wait for its model")
     table.add_row("default_parallel", str(s.default_parallel), "requests one model decodes together")
+    table.add_row("api_key", "set" if s.api_key_set else "not set", "HTTP requests need `Authorization: Bearer "
+                  "<key>` (--api-key-set / --api-key-clear)")
     stdout.print(table)
     if s.warning:
         err(f"warning: {s.warning}")

@@ -154,7 +154,8 @@ class SettingsStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.warning = ""
+        self.warning = ""  # while the settings file cannot be read: said with every answer
+        self.notice = ""  # what the last change did to the unreadable file: said once (pop_notice)
         self._bad_file = False
         self.settings = self._load()
 
@@ -188,16 +189,21 @@ class SettingsStore:
         candidate.validate()
         if self._bad_file:
             aside = self.path.with_name(self.path.name + ".bad")
+            self.warning = ""
             try:
                 os.replace(self.path, aside)
-                self.warning = f"the unreadable settings file was moved to {aside}"
+                self.notice = f"the unreadable settings file was moved to {aside}"
             except OSError:
-                self.warning = ""
-            log.warning("settings: %s", self.warning or "unreadable settings file replaced")
+                pass
+            log.warning("settings: %s", self.notice or "unreadable settings file replaced")
             self._bad_file = False
         self._write(candidate)
         self.settings = candidate
         return candidate
+
+    def pop_notice(self) -> str:
+        notice, self.notice = self.notice, ""
+        return notice
 
     def _write(self, settings: Settings) -> None:
         write_atomically(self.path, json.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True) + "\n")

@@ -105,6 +105,7 @@ class WorkerStopped(WorkerGone):
     was using it: not a fault, and worth retrying."""
 
     kind = "unavailable"
+    code = "model_unloaded"
     http_status = 503
     retry_after = 1
 

@@ -25,7 +25,10 @@ def up() -> None:
         err(f"lmsd is already running (pid {client.pid()})")
         return
     pid = client.start()
-    err(f"lmsd started (pid {pid}); socket {client.paths.socket}")
+    if client.started_here:
+        err(f"lmsd started (pid {pid}); socket {client.paths.socket}")
+    else:  # another `lms daemon up` (or an autostart) won the race
+        err(f"lmsd is already running (pid {pid})")
 
 
 @app.command()

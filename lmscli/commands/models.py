@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -116,13 +116,15 @@ def _choose_model(query: str, keys: list[str], yes: bool, models_dir: str) -> st
     """The key the user means; asks when it is ambiguous and nobody said -y."""
     from lmsd.matching import is_unique_match, rank_matches
 
-    if "/" in query and query.lower().endswith(".gguf"):
-        return query  # a path inside the models folder: the daemon resolves (and polices) it
+    if "/" in query:
+        return query  # a path inside the models folder (with or without .gguf): the daemon resolves and polices it
     ranked = rank_matches(query, keys)
     if not ranked:
         raise CliError(f"no model matches '{query}' in {models_dir}. See `lms ls`, or fetch one with `lms get`.")
     if is_unique_match(query, keys) or yes:
         return ranked[0]
+    if len(ranked) == 1:  # a near miss (a typo): one suggestion, not a choice between several
+        raise CliError(f"no model '{query}' in {models_dir}. Did you mean {ranked[0]}? (-y takes it)")
     if not sys.stdin.isatty():
         raise CliError(
             f"'{query}' is ambiguous; it could be: {', '.join(ranked[:8])}. "
@@ -153,6 +155,8 @@ def unload(
     if identifier and all_:
         raise CliError("give an identifier or --all, not both", EXIT_USAGE)
     client = connect()
+    if identifier and not all_:
+        identifier = _loaded_identifier(client, identifier)
     if not identifier and not all_:
         loaded = [i.identifier for i in client.stub.ListLoaded(pb.ListLoadedRequest(), timeout=10).instances]
         if not loaded:
@@ -167,6 +171,24 @@ def unload(
         info("No models are loaded.")
     for ident in response.identifiers:
         err(f"Unloaded '{ident}'")
+
+
+def _loaded_identifier(client: Any, query: str) -> str:
+    """The loaded instance `query` names: its identifier, or a unique prefix of one (as `lms load` takes keys)."""
+    from lmsd.api.v1 import control_pb2 as pb
+    from lmsd.matching import is_unique_match, rank_matches
+
+    loaded = [i.identifier for i in client.stub.ListLoaded(pb.ListLoadedRequest(), timeout=10).instances]
+    if query in loaded or not loaded:
+        return query  # the daemon answers for an unknown one, naming what is loaded
+    ranked = rank_matches(query, loaded)
+    if is_unique_match(query, loaded):
+        return ranked[0]
+    prefixed = [i for i in ranked if i.lower().startswith(query.lower())]
+    if len(prefixed) > 1:
+        raise CliError(f"'{query}' matches several loaded instances: {', '.join(prefixed)}; name one exactly, "
+                       "or use --all", EXIT_USAGE)
+    return query
 
 
 @boundary

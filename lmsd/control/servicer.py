@@ -148,7 +148,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         store = self.daemon.settings_store
         s = store.settings
         return pb.Settings(jit=s.jit, auto_evict=s.auto_evict, default_ttl=s.default_ttl, port=s.port, bind=s.bind,
-                           cors=s.cors, settings_path=str(store.path), warning=store.warning,
+                           cors=s.cors, settings_path=str(store.path),
+                           warning=store.warning or store.pop_notice(),
                            api_key_set=self.daemon.api_key.get() is not None, memory_limit=str(s.memory_limit),
                            max_loaded_models=s.max_loaded_models, load_timeout=s.load_timeout, max_wait=s.max_wait,
                            default_parallel=s.default_parallel)

@@ -44,8 +44,10 @@ def router(inference: Inference, list_models: Callable[[], Awaitable[list[dict[s
 
     @r.get("/models/{model:path}")
     async def model(model: str) -> Response:
+        # a model key, or the identifier of a loaded instance (`key:2`, or one chosen at load): /v1/models lists both
+        keys = {model.lower()} | {i.key.lower() for i in inference.scheduler.instances() if i.identifier == model}
         for m in await list_models():
-            if m["id"].lower() == model.lower():
+            if m["id"].lower() in keys:
                 return JSONResponse(m)
         raise HttpError(404, f"no model '{model}'; GET /api/v0/models lists them", param="model",
                         code="model_not_found")

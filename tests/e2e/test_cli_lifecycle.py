@@ -151,6 +151,8 @@ def test_daemon_up_twice_at_once_makes_one_daemon(home: Home, lms: Lms) -> None:
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = [p.communicate(timeout=90) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], results
+    said = sorted("started" if "lmsd started" in err else "found" for _out, err in results)
+    assert said == ["found", "found", "started"], results  # one of them started it; the others say they found it
     status = json.loads(lms("daemon", "status", "--json", check=True).stdout)
     pid = lms.daemon_pid()
     assert status["pid"] == pid and status["running"] is True
@@ -292,6 +294,8 @@ def test_ls_filters_by_type_and_a_rounded_context_is_said(home: Home, lms: Lms, 
     assert down.returncode == 3 and "lmsd is not running" in down.stderr  # `lms status` never starts it
     assert [m["key"] for m in lms.json("ls", "--llm")] == [TINY_KEY]
     assert lms.json("ls", "--embedding") == []  # the tiny model is a language model
+    typo = lms("load", "lms-tiny-tset")
+    assert typo.returncode == 1 and f"Did you mean {TINY_KEY}?" in typo.stderr  # a near miss is no ambiguity
     out = lms("load", TINY_KEY, "-c", "100", check=True)
     assert "--context-length 100 became 256" in out.stderr
     assert lms.json("ps")[0]["context_length"] == 256
@@ -300,3 +304,5 @@ def test_ls_filters_by_type_and_a_rounded_context_is_said(home: Home, lms: Lms, 
     assert [i["identifier"] for i in status["loaded"]] == [TINY_KEY]
     table = lms("status", check=True)
     assert "is running" in table.stdout and TINY_KEY in table.stdout and "Memory:" in table.stderr
+    lms("unload", "lms-tiny", check=True)  # a unique prefix of a loaded identifier, as `lms load` takes keys
+    assert lms.json("ps") == []

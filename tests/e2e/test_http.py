@@ -421,6 +421,7 @@ def test_api_key(server: Server) -> None:
                           env=server.home.env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert server.lms.json("server", "settings")["api_key_set"] is True
+    assert re.search(r"api_key\s+set\b", server.lms("server", "settings", check=True).stdout)  # in the table too
     key_file = server.home.root / "api_key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     with server.client() as c:

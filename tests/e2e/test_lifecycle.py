@@ -60,7 +60,7 @@ def test_shorter_grace_ends_an_eviction_drain(server: Server) -> None:
         assert time.monotonic() - started < 15
         r = endless.result()
         assert r.status_code == 503 and "grace period of 1.0s" in r.json()["error"]["message"]
-        assert r.headers["retry-after"]
+        assert r.json()["error"]["code"] == "model_unloaded" and r.headers["retry-after"]
         assert other.result().status_code == 200  # the request that asked for alpha is served
     assert [i["identifier"] for i in server.loaded()] == ["alpha"]
 

@@ -20,6 +20,9 @@ def test_load_list_and_unload_over_http_as_lms_load_and_unload_do(server: Server
         assert body["load_time_seconds"] > 0
         [ps] = server.loaded()
         assert (ps["identifier"], ps["origin"], ps["context_length"], ps["parallel"]) == ("mine", "manual", 512, 2)
+        assert "mine" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        by_identifier = c.get("/api/v0/models/mine")  # what /v1/models lists, /api/v0/models/{id} answers
+        assert by_identifier.status_code == 200 and by_identifier.json()["id"] == "alpha"
 
         models = {m["key"]: m for m in c.get("/api/v1/models").json()["models"]}
         assert models["alpha"]["loaded_instances"] == [

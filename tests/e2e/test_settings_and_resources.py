@@ -58,6 +58,7 @@ def test_corrupt_settings_file_is_kept_and_defaults_are_used(home: Home, lms: Lm
     out = lms("server", "settings", "--no-jit", check=True)
     assert "settings.json.bad" in out.stderr
     assert (home.root / "settings.json.bad").read_text() == bad
+    assert "warning" not in lms("server", "settings", check=True).stderr  # said once, not on every call after
     assert json.loads((home.root / "settings.json").read_text())["jit"] is False
 
 
