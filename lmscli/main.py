@@ -10,7 +10,7 @@ app = typer.Typer(
     name="lms",
     help="Drive lmsd, the local model server: load models with idle TTLs, serve them over HTTP.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh and fish
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lmscli import completion
 from lmscli.client import EXIT_USAGE, CliError, boundary, connect, describe_rpc_error
 from lmscli.durations import ttl_callback
 from lmscli.output import err, stderr, stdout
@@ -39,7 +40,7 @@ class Session:
 
 def chat(
     model: Annotated[str, typer.Argument(help="The model: identifier, key or unique prefix (default: the only "
-                                              "loaded one).")] = "",
+                                              "loaded one).", autocompletion=completion.chat_models)] = "",
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this one prompt on stdout and "
                                                                      "exit.")] = None,
     system: Annotated[str | None, typer.Option("--system-prompt", "-s", help="A system prompt.")] = None,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lmscli import completion
 from lmscli.client import EXIT_USAGE, CliError, boundary, connect
 from lmscli.durations import ttl_callback
 from lmscli.output import (
@@ -35,7 +36,8 @@ def _positive(value: int | None) -> int | None:
 
 @boundary
 def load(
-    model: Annotated[str, typer.Argument(help="Model key, a prefix of one, or a path inside the models folder.")],
+    model: Annotated[str, typer.Argument(help="Model key, a prefix of one, or a path inside the models folder.",
+                                         autocompletion=completion.model_keys)],
     ttl: Annotated[
         str | None, typer.Option("--ttl", callback=ttl_callback, help="Unload after this long idle: 3600, 90s, 5m, 1h.")
     ] = None,
@@ -143,7 +145,8 @@ def _choose_model(query: str, keys: list[str], yes: bool, models_dir: str) -> st
 
 @boundary
 def unload(
-    identifier: Annotated[str | None, typer.Argument(help="Identifier from `lms ps`.")] = None,
+    identifier: Annotated[str | None, typer.Argument(help="Identifier from `lms ps`.",
+                                                     autocompletion=completion.loaded_identifiers)] = None,
     all_: Annotated[bool, typer.Option("--all", "-a", help="Unload every loaded model.")] = False,
     grace: Annotated[
         float, typer.Option("--grace", min=0, help="Seconds running requests may take to finish before they end.")

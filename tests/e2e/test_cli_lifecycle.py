@@ -306,3 +306,27 @@ def test_ls_filters_by_type_and_a_rounded_context_is_said(home: Home, lms: Lms, 
     assert "is running" in table.stdout and TINY_KEY in table.stdout and "Memory:" in table.stderr
     lms("unload", "lms-tiny", check=True)  # a unique prefix of a loaded identifier, as `lms load` takes keys
     assert lms.json("ps") == []
+
+
+def test_shell_completion_offers_models_from_the_daemon_and_nothing_when_it_is_down(home: Home, lms: Lms,
+                                                                                  tiny_file: Path) -> None:
+    import subprocess
+
+    home.add(tiny_file, f"test/tiny/{TINY_NAME}")
+
+    def complete(shell: str, words: str) -> str:
+        env = {**home.env, "_LMS_COMPLETE": f"complete_{shell}", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1), "_TYPER_COMPLETE_ARGS": words}
+        proc = subprocess.run([lms.exe], env=env, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc
+        return proc.stdout
+
+    assert complete("bash", "lms load lms-t").split() == []  # the daemon is down: nothing, and it is not started
+    assert not (home.root / "run" / "lmsd.pid").exists()
+    lms("daemon", "up", check=True)
+    assert complete("bash", "lms load lms-t").split() == [TINY_KEY]
+    assert TINY_KEY in complete("zsh", "lms load lms")
+    assert complete("bash", "lms unload lms").split() == []  # nothing loaded yet
+    lms("load", TINY_KEY, check=True)
+    assert complete("bash", "lms unload l").split() == [TINY_KEY]
+    assert complete("bash", "lms chat lms").split() == [TINY_KEY]
