@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from lmsd.catalog_index import (
     AmbiguousModel,
     File,
+    Folders,
     Meta,
     ModelEntry,
     View,
@@ -74,6 +75,9 @@ _MAX_EMBD = 1 << 20
 _MAX_HEAD_DIM = 1 << 16
 _MAX_VOCAB = 1 << 24
 _MAX_CONTEXT = 1 << 30
+# Parameters of one file: ~1e15, a thousand times the largest model; a split model's sum of 1024 parts stays within
+# the int64 of the control API.
+_MAX_PARAMS = 1 << 50
 
 def _quant_name(file_type: object, filename: str) -> str:
     if isinstance(file_type, int):
@@ -135,12 +139,49 @@ def _describe(path: Path, rel: str, size: int) -> dict[str, object]:
     return {
         "arch": arch,
         "quantization": _quant_name(fields.get("general.file_type"), path.name),
-        "params": int(header.n_params),
+        "params": _bounded(int(header.n_params), _MAX_PARAMS),
         "max_context_length": _bounded(fields.get(f"{arch}.context_length"), _MAX_CONTEXT),
         "type": "embedding" if is_embedding else "llm",
         "has_chat_template": isinstance(fields.get("tokenizer.chat_template"), str),
         **_shape(fields, arch),
     }
+
+
+# What `_describe` produces, field by field: a cache entry is kept only if it is one of these shapes, every value of
+# the type and within the bounds `_describe` gives it (a params count beyond int64 would break `lms ls`).
+_MAX_TEXT = 1 << 16
+
+
+def _int_in(maximum: int) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= maximum
+
+
+_META_CHECKS: dict[str, Callable[[object], bool]] = {
+    "arch": lambda v: isinstance(v, str) and len(v) <= 64,
+    "quantization": lambda v: isinstance(v, str) and len(v) <= 255,
+    "params": _int_in(_MAX_PARAMS),
+    "max_context_length": _int_in(_MAX_CONTEXT),
+    "type": lambda v: v in ("llm", "embedding"),
+    "has_chat_template": lambda v: isinstance(v, bool),
+    "n_layer": _int_in(_MAX_LAYERS),
+    "n_head": _int_in(_MAX_HEADS),
+    "n_head_kv": _int_in(_MAX_HEADS),
+    "n_embd": _int_in(_MAX_EMBD),
+    "head_dim_k": _int_in(_MAX_HEAD_DIM),
+    "head_dim_v": _int_in(_MAX_HEAD_DIM),
+    "n_vocab": _int_in(_MAX_VOCAB),
+}
+_FAILED_FIELDS = frozenset({"stamp", "error"})  # a header that could not be read
+_READ_FIELDS = frozenset(_META_CHECKS) | {"stamp"}
+
+
+def _cached_meta_ok(meta: object) -> bool:
+    """Whether a cache entry is exactly what `_describe` (plus the stamp) produces."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("stamp"), str) or len(meta["stamp"]) > 64:
+        return False
+    if meta.keys() == _FAILED_FIELDS:
+        return isinstance(meta["error"], str) and len(meta["error"]) <= _MAX_TEXT
+    return meta.keys() == _READ_FIELDS and all(check(meta[name]) for name, check in _META_CHECKS.items())
 
 
 def _read_meta(item: tuple[str, File]) -> Meta:
@@ -162,11 +203,11 @@ class Catalog:
         self.models_dir = models_dir
         self.cache_file = cache_file
         self._root = os.path.abspath(models_dir)
-        # Guards _files, _dirs, _meta, _cache_dirty and the publication of _view. Held while the folder's names are
-        # read (a walk, a stat) and the index rebuilt; never while a header is read, never by a reader.
+        # Guards _files, _dirs, _meta, _cache_dirty and the publication of _view. Held while the index is rebuilt
+        # from them (in memory); never while the folder is read (a walk, a stat, a header), never by a reader.
         self._lock = threading.Lock()
         self._files: dict[str, File] = {}
-        self._dirs: set[str] = set()
+        self._dirs: Folders = {}
         self._meta: dict[str, Meta] = self._read_cache()
         self._cache_dirty = False
         self._view = View([])
@@ -241,27 +282,28 @@ class Catalog:
 
     def refresh(self, paths: Iterable[str] | None = None) -> bool:
         """Brings the index in line with the folder: every file (a walk) or the given paths (a stat each). Returns
-        whether the folder's files changed."""
-        with self._lock:
-            if paths is None:
-                files, self._dirs = walk(self._root, self._stopping)
+        whether the folder's files changed. The folder is read outside the lock (a hung mount holds only its caller);
+        the lock is taken to swap the result in."""
+        if paths is None:
+            files, dirs = walk(self._root, self._stopping)
+            with self._lock:
                 changed = files != self._files
-                self._files = files
-            else:
-                changed = False
-                for path in paths:
-                    rel = os.path.relpath(path, self._root).replace(os.sep, "/")
-                    file = stat_file(path, rel) if indexable(rel) else None
-                    if file != self._files.get(path):
-                        changed = True
-                        if file is None:
-                            del self._files[path]
-                        else:
-                            self._files[path] = file
-            for gone in [p for p in self._meta if p not in self._files]:
-                del self._meta[gone]
-                self._cache_dirty = True
-            if changed or paths is None:
+                self._files, self._dirs = files, dirs
+                self._forget_gone()
+                self._publish()
+            return changed
+        found = {path: self._stat(path) for path in paths}
+        with self._lock:
+            changed = False
+            for path, file in found.items():
+                if file != self._files.get(path):
+                    changed = True
+                    if file is None:
+                        del self._files[path]
+                    else:
+                        self._files[path] = file
+            if changed:
+                self._forget_gone()
                 self._publish()
         return changed
 
@@ -293,8 +335,13 @@ class Catalog:
         files: list[str] = []
         folders = False
         for _change, path in changes:
-            if path.lower().endswith(".gguf") and os.path.dirname(path) in dirs:
-                files.append(path)
+            if path.lower().endswith(".gguf"):
+                # A file in a folder the walk did not visit under this name: a new folder, or one reached through
+                # a link under another name too (the watcher may report it under either): the walk decides.
+                if os.path.dirname(path) in dirs:
+                    files.append(path)
+                else:
+                    folders = True
             elif path in dirs or os.path.isdir(path):
                 folders = True
         if folders:
@@ -318,6 +365,16 @@ class Catalog:
         """The index's thread is being stopped: its walk and its reading of headers end early."""
         return self._watcher is not None and self._watcher.alive and self._watcher.stopping
 
+    def _stat(self, path: str) -> File | None:
+        rel = os.path.relpath(path, self._root).replace(os.sep, "/")
+        return stat_file(path, rel) if indexable(rel) else None
+
+    def _forget_gone(self) -> None:
+        """Drops the header metadata of files no longer in the folder (under the lock)."""
+        for gone in [p for p in self._meta if p not in self._files]:
+            del self._meta[gone]
+            self._cache_dirty = True
+
     def _publish(self) -> None:
         entries, pending = models(self._files, self._meta)
         self._view = View(entries, pending)
@@ -328,9 +385,28 @@ class Catalog:
         if not indexable(rel):
             return None
         path = os.path.join(self._root, *rel.split("/"))
+        if self._aliased(os.path.dirname(path)):
+            return None
         if not self.refresh(part_paths(path, _MAX_PARTS_PROBED) or [path]):
             return None
         return self._view.find(name)
+
+    def _aliased(self, folder: str) -> bool:
+        """Whether folder, or a folder between it and the root, is a folder the walk visited under another name (a
+        link to it inside the models folder): its models are indexed under that name only, once."""
+        with self._lock:
+            dirs = self._dirs
+        walked = set(dirs.values())
+        while folder not in dirs and len(folder) > len(self._root):
+            try:
+                st = os.stat(folder)
+            except OSError:
+                pass  # not there (yet): the stat of the file will say
+            else:
+                if (st.st_dev, st.st_ino) in walked:
+                    return True
+            folder = os.path.dirname(folder)
+        return False
 
     def _complete(self, entry: ModelEntry) -> ModelEntry:
         """The entry with its header read: while the index is first built, it may not have reached it yet."""
@@ -351,11 +427,10 @@ class Catalog:
             entries = data["entries"] if data.get("version") == _CACHE_VERSION else {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
-        # A damaged cache costs a header read, never the index: only entries that can make a ModelEntry are kept.
-        known = {f.name for f in dataclasses.fields(ModelEntry)} | {"stamp"}
-        return {path: meta for path, meta in entries.items()
-                if isinstance(meta, dict) and isinstance(meta.get("stamp"), str) and meta.keys() <= known} \
-            if isinstance(entries, dict) else {}
+        # A damaged cache costs a header read, never the index: only entries `_describe` could have made are kept.
+        if not isinstance(entries, dict):
+            return {}
+        return {path: meta for path, meta in entries.items() if isinstance(path, str) and _cached_meta_ok(meta)}
 
     def _write_cache(self) -> None:
         if self.cache_file is None:
@@ -363,8 +438,9 @@ class Catalog:
         with self._lock:
             if not self._cache_dirty:
                 return
-            text = json.dumps({"version": _CACHE_VERSION, "entries": self._meta})
+            entries = dict(self._meta)  # a meta is never changed once made: a shallow copy is a snapshot
             self._cache_dirty = False
+        text = json.dumps({"version": _CACHE_VERSION, "entries": entries})
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")

@@ -10,6 +10,7 @@ import os
 import re
 import stat
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -92,15 +93,38 @@ class File:
 
 def indexable(rel: str) -> bool:
     """Whether a path relative to the models folder can be a model: a .gguf file, not too deep, nothing hidden (a
-    download in progress lives in `.lms-downloads`)."""
+    download in progress lives in `.lms-downloads`), a name in UTF-8."""
     parts = rel.split("/")
     return (len(parts) <= MAX_DEPTH + 1 and parts[-1].lower().endswith(".gguf")
-            and not any(not p or p.startswith(".") for p in parts))
+            and not any(not p or p.startswith(".") for p in parts) and _utf8(rel))
+
+
+def _utf8(name: str) -> bool:
+    """Whether name can be sent to a client. A file name that is not UTF-8 (b'caf\xe9.gguf') reaches Python with
+    surrogates, which neither protobuf nor JSON can encode: one such model would break every listing."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_skipped_names: set[str] = set()  # logged once each (bounded: a folder holds at most MAX_ENTRIES names)
+
+
+def _skip_name(folder: str, name: str) -> None:
+    if name not in _skipped_names and len(_skipped_names) < MAX_ENTRIES:
+        _skipped_names.add(name)
+        log.warning("skipping %r in %s: its name is not UTF-8; rename it to list it",
+                    os.fsencode(name), folder)
 
 
 def stat_file(path: str, rel: str) -> File | None:
     """The file at path if it is a regular file (a link to one counts); None if it is gone, a dangling link, or
-    something else (a FIFO would block the header reader)."""
+    something else (a FIFO would block the header reader), or its name is not UTF-8."""
+    if not _utf8(rel):
+        _skip_name(os.path.dirname(path), rel)
+        return None
     try:
         st = os.stat(path)
     except OSError:
@@ -110,12 +134,15 @@ def stat_file(path: str, rel: str) -> File | None:
     return File(rel, st.st_size, f"{st.st_mtime_ns}:{st.st_size}")
 
 
-def walk(root: str, stopping: Callable[[], bool]) -> tuple[dict[str, File], set[str]]:
+Folders = dict[str, tuple[int, int]]  # the folders a walk visited, by path: their (device, inode)
+
+
+def walk(root: str, stopping: Callable[[], bool]) -> tuple[dict[str, File], Folders]:
     """Every *.gguf below root by path, and the folders walked. Links are followed (a user's LM Studio folder is
     often links), but each real directory is visited once — a symlink loop cannot multiply the walk — and the walk
     is bounded in depth and in entries, so one odd folder can never hold the catalog (and the daemon) for long."""
     found: dict[str, File] = {}
-    dirs: set[str] = set()
+    dirs: Folders = {}
     if not os.path.isdir(root):
         return found, dirs
     seen: set[tuple[int, int]] = set()
@@ -130,13 +157,17 @@ def walk(root: str, stopping: Callable[[], bool]) -> tuple[dict[str, File], set[
             subdirs[:] = []  # reached again through a link: already walked
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs.add(folder)
+        dirs[folder] = (st.st_dev, st.st_ino)
         rel_dir = os.path.relpath(folder, root)
         prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if prefix.count("/") < MAX_DEPTH else []
+        for name in [*subdirs, *(f for f in files if f.lower().endswith(".gguf"))]:
+            if not name.startswith(".") and not _utf8(name):
+                _skip_name(folder, name)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and _utf8(d)) \
+            if prefix.count("/") < MAX_DEPTH else []
         entries += len(subdirs) + len(files)
         for name in sorted(files):
-            if name.lower().endswith(".gguf") and not name.startswith("."):
+            if name.lower().endswith(".gguf") and not name.startswith(".") and _utf8(name):
                 path = os.path.join(folder, name)
                 file = stat_file(path, prefix + name)
                 if file is not None:
@@ -239,6 +270,21 @@ def _assign_keys(entries: list[ModelEntry]) -> None:
             e.key = base if parent == "." else f"{parent}/{base}"
         _disambiguate(group, lambda e: f"{e.key}@{(e.quantization or 'unknown').lower()}")
         _disambiguate(group, lambda e: SHARD.sub("", e.rel_path[:-5]).lower())
+    _make_unique(entries)
+
+
+def _make_unique(entries: list[ModelEntry]) -> None:
+    """The last resort, for keys still shared (in any case) or empty (a file named `-00001-of-00001.gguf`): the
+    full path in the folder, lower-cased where that is unique, else as it is (paths are unique)."""
+    counts = Counter(e.key.lower() for e in entries)
+    clashing = [e for e in entries if not e.key or counts[e.key.lower()] > 1]
+    if not clashing:
+        return
+    taken = {e.key.lower() for e in entries if e.key and counts[e.key.lower()] == 1}
+    lowered = Counter(e.rel_path.lower() for e in clashing)
+    for e in clashing:
+        low = e.rel_path.lower()
+        e.key = low if lowered[low] == 1 and low not in taken else e.rel_path
 
 
 def _disambiguate(group: list[ModelEntry], longer: Callable[[ModelEntry], str]) -> None:
@@ -258,6 +304,7 @@ class View:
         self.entries = sorted(entries, key=lambda e: e.key)
         self.pending = frozenset(pending)  # paths whose header is not read yet
         self.by_key = {e.key.lower(): e for e in self.entries}
+        self._exact = {e.key: e for e in self.entries}  # keys that differ only in case (Model.gguf, model.gguf)
         self.by_name: dict[str, ModelEntry] = {}  # a path in the folder, with or without .gguf or the part number
         for e in self.entries:
             for name in (e.rel_path, e.rel_path[:-5], SHARD.sub("", e.rel_path[:-5])):
@@ -267,7 +314,7 @@ class View:
 
     def find(self, name: str) -> ModelEntry | None:
         """The model `name` means by key, path or unique prefix (of a key, or of its last part); None otherwise."""
-        entry = self.by_key.get(name.lower()) or self.by_name.get(name)
+        entry = self._exact.get(name) or self.by_key.get(name.lower()) or self.by_name.get(name)
         if entry is not None:
             return entry
         found = self._prefixed(name)

@@ -184,8 +184,8 @@ class Watcher:
         self._pause(min(self._poll_interval, _FOLDER_CHECK), spaced=False)
 
     def _follow(self) -> None:
-        """Watches until the folder is removed or replaced, or the watcher fails once started (the caller walks the
-        folder again and watches anew). Raises CannotWatch if watching cannot start."""
+        """Watches until the folder is removed or replaced (or reported changed itself), or the watcher fails once
+        started (the caller walks the folder again and watches anew). Raises CannotWatch if watching cannot start."""
         identity = _identity(self.root)
         changes: Iterator[Changes] = iter(())
         started = False
@@ -202,7 +202,9 @@ class Watcher:
                 elif batch:
                     self._index.apply(batch)
                 self._done()
-                if _identity(self.root) != identity:
+                # The folder itself in a batch: it was removed, perhaps made again. A new folder may have the old
+                # one's inode (ext4 reuses them), so the identity alone cannot tell; either way the watch is dead.
+                if _identity(self.root) != identity or any(path == self.root for _change, path in batch):
                     return
         except FileNotFoundError:
             return  # the folder went away before the watch was set

@@ -24,6 +24,18 @@ import numpy as np
 GGUF_MAGIC = b"GGUF"
 _MAX_STRING = 64 * 1024 * 1024  # no sane header string is larger; beyond this the file is corrupt
 _MAX_COUNT = 1 << 32
+# What a header may make the reader keep in memory (files come from the internet): a string value longer than
+# _MAX_VALUE is skipped (the chat template, the one long value the catalog reads, up to _MAX_TEMPLATE), a key
+# longer than _MAX_KEY is refused, and the strings kept from one header total at most _MAX_KEPT bytes.
+_MAX_VALUE = 64 * 1024
+_MAX_TEMPLATE = 1024 * 1024
+_CHAT_TEMPLATE = "tokenizer.chat_template"
+_MAX_KEY = 64 * 1024
+_MAX_KEPT = 16 * 1024 * 1024
+# Tensor infos per file: the largest real models have at most tens of thousands; each costs a Python step. A tensor's
+# name is at most 64 bytes in llama.cpp (GGML_MAX_NAME); a longer one only serves to make the reader read it.
+_MAX_TENSORS = 1 << 18  # ~0.6 s of parsing at most
+_MAX_TENSOR_NAME = 64 * 1024
 
 # GGUF value types (stable on-disk numbers), with struct formats for the fixed-size ones.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -41,7 +53,7 @@ _MAX_NESTED = 100_000
 # well under a million (a 256k-token vocabulary and its merges); 50 MB of tiny keys took 8 s.
 _MAX_VISITS = 3_000_000
 # Bytes read ahead at a time. SmolLM2's header is 1.7 MB; a 256k-token vocabulary's is about 6 MB. The window
-# never holds more than one chunk beyond the longest single string it must parse (itself at most _MAX_STRING).
+# never holds more than one chunk beyond the longest single string it must parse (itself at most _MAX_TEMPLATE).
 _CHUNK = 256 * 1024
 
 
@@ -56,6 +68,13 @@ class GGUFHeader:
     tensor_count: int = 0
     n_params: int = 0
     expected_size: int = 0  # bytes the file must have to hold every tensor
+
+
+@dataclass(frozen=True)
+class SkippedString:
+    """Stands for a string value longer than the reader keeps (see `_MAX_VALUE`): only its length is known."""
+
+    length: int
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,7 @@ class _Reader:
         # (nested, visits) still allowed in this file: see _MAX_NESTED and _MAX_VISITS
         self.nested = _MAX_NESTED
         self.visits = _MAX_VISITS
+        self.kept = _MAX_KEPT  # bytes of strings still allowed in this file
 
     def window(self, n: int, ahead: int = 0) -> tuple[memoryview, int]:
         """The window and pos's index in it, with at least n bytes from pos (GGUFError if the file ends first), and
@@ -126,10 +146,17 @@ class _Reader:
         self.pos += st.size
         return st.unpack_from(data, i)[0]
 
-    def string(self) -> str:
+    def string(self, limit: int = _MAX_VALUE) -> str | SkippedString:
+        """The next string, or SkippedString if it is longer than limit (moved past, never read)."""
         n = self.unpack(_U64)
         if n > _MAX_STRING:
             raise GGUFError(f"implausible string length {n} in header (corrupt file)")
+        if n > limit:
+            self.pos += n
+            return SkippedString(n)
+        self.kept -= n
+        if self.kept < 0:
+            raise GGUFError(f"more than {_MAX_KEPT} bytes of strings in the header's values (corrupt file)")
         data, i = self.window(n)
         self.pos += n
         return str(data[i : i + n], "utf-8", "replace")
@@ -144,8 +171,8 @@ class _Reader:
             i, end = start, len(data)
             while count and i + 8 <= end:
                 n = _U64.unpack_from(data, i)[0]  # the name's length; the name is not needed
-                if n > _MAX_STRING:
-                    raise GGUFError(f"implausible string length {n} in header (corrupt file)")
+                if n > _MAX_TENSOR_NAME:
+                    raise GGUFError(f"implausible tensor name length {n} in header (corrupt file)")
                 j = i + 8 + n
                 if j + 4 > end:
                     break
@@ -261,13 +288,13 @@ def _scratch_window() -> bytearray:
     return window
 
 
-def _value(r: _Reader, vtype: int, keep: bool = False, depth: int = 0) -> Any:
+def _value(r: _Reader, vtype: int, keep: bool = False, depth: int = 0, limit: int = _MAX_VALUE) -> Any:
     if depth > _MAX_DEPTH:
         raise GGUFError("arrays nested too deeply in header (corrupt file)")
     if vtype in _STRUCTS:
         return r.unpack(_STRUCTS[vtype])
     if vtype == _STRING:
-        return r.string()
+        return r.string(limit)
     if vtype != _ARRAY:
         raise GGUFError(f"unknown GGUF value type {vtype} (corrupt file)")
     etype = r.unpack(_U32)
@@ -319,15 +346,18 @@ def read_header(path: Path, keep_arrays: frozenset[str] = frozenset()) -> GGUFHe
             raise GGUFError(f"unsupported GGUF version {version}")
         tensor_count = r.unpack(_U64)
         kv_count = r.unpack(_U64)
-        if tensor_count > _MAX_COUNT or kv_count > _MAX_COUNT:
-            raise GGUFError("implausible tensor or key count (corrupt file)")
+        if tensor_count > _MAX_TENSORS or kv_count > _MAX_COUNT:
+            raise GGUFError(f"implausible tensor count {tensor_count} or key count {kv_count} (corrupt file)")
         header = GGUFHeader(version=version, tensor_count=tensor_count)
         for _ in range(kv_count):
             r.visits -= 1
             if r.visits < 0:
                 raise GGUFError(f"more than {_MAX_VISITS} keys and array elements in the header (corrupt file)")
-            key = r.string()
-            header.fields[key] = _value(r, r.unpack(_U32), key in keep_arrays)
+            key = r.string(_MAX_KEY)
+            if not isinstance(key, str):
+                raise GGUFError(f"implausible key length {key.length} in header (corrupt file)")
+            limit = _MAX_TEMPLATE if key == _CHAT_TEMPLATE else _MAX_VALUE
+            header.fields[key] = _value(r, r.unpack(_U32), key in keep_arrays, limit=limit)
         header.n_params, data_end = r.tensors(tensor_count, sizes)
         alignment = header.fields.get("general.alignment", 32)
         if not isinstance(alignment, int) or alignment <= 0:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lmsd.catalog as catalog_mod
 import lmsd.catalog_index as index_mod
@@ -224,7 +226,7 @@ def test_the_cache_file_spares_the_headers_on_restart(tmp_path: Path, started: C
     first = started(models, cache)
     assert len(first.scan()) == 10
     first.stop()
-    reads = count_calls(monkeypatch, catalog_mod, "read_header")
+    reads = count_calls(monkeypatch, catalog_mod, "read_header", any_thread=True)  # the index's reads too
     again = started(models, cache)  # a daemon restart
     assert [e.arch for e in again.scan()] == ["llama"] * 10 and reads == []
 
@@ -389,3 +391,148 @@ def test_a_damaged_cache_file_costs_header_reads_not_the_index(tmp_path: Path, s
     data["entries"][second] = ["not", "a", "dict"]
     cache.write_text(json.dumps(data))
     assert [e.arch for e in started(models, cache).scan()] == ["llama", "llama"]
+
+
+@pytest.mark.parametrize("damage", [
+    {"key": "x"}, {"path": "/elsewhere"}, {"params": "x"}, {"params": 10**30}, {"params": -1}, {"n_layer": True},
+    {"type": "chat"}, {"arch": None}, {"error": "unreadable", "arch": "llama"},
+])
+def test_a_cache_entry_of_the_wrong_shape_costs_only_its_own_header_read(
+        tmp_path: Path, started: Callable[..., Catalog], monkeypatch: pytest.MonkeyPatch,
+        damage: dict[str, object]) -> None:
+    import json
+
+    models = tmp_path / "models"
+    damaged = small_gguf(models / "pub" / "big" / "big-00001-of-00002.gguf", n_tensors=1)
+    small_gguf(models / "pub" / "big" / "big-00002-of-00002.gguf", n_tensors=2, arch=None)
+    small_gguf(models / "beta.gguf")
+    cache = tmp_path / "catalog.json"
+    Catalog(models, cache).scan()
+    data = json.loads(cache.read_text())
+    data["entries"][str(damaged)].update(damage)
+    cache.write_text(json.dumps(data))
+    reads = count_calls(monkeypatch, catalog_mod, "read_header", any_thread=True)
+    cat = started(models, cache)
+    entries = {e.key: e for e in cat.scan()}
+    assert cat.mode != "off"  # the index thread survived the cache
+    assert (entries["big"].arch, entries["big"].params, entries["big"].error) == ("llama", 16 * 3, "")
+    assert cat.resolve("beta").arch == "llama"
+    assert reads == [damaged]
+
+
+def test_a_hung_walk_does_not_hold_requests(tmp_path: Path, started: Callable[..., Catalog],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    gate, returned = threading.Event(), threading.Event()
+    real = catalog_mod.walk
+
+    def hung(root: str, stopping: Callable[[], bool]) -> object:  # a network mount that does not answer
+        gate.wait(DEADLINE)
+        returned.set()
+        return real(root, stopping)
+
+    monkeypatch.setattr(catalog_mod, "walk", hung)
+    monkeypatch.setattr(catalog_mod, "NAMES_WAIT", 0.1)
+    monkeypatch.setattr(catalog_mod, "CATCH_UP_WAIT", 0.1)
+    cat = started(models)
+    try:
+        entry = cat.resolve("alpha")  # one file looked at directly, while the walk hangs
+        assert (entry.key, entry.arch) == ("alpha", "llama")
+        assert not returned.is_set()
+    finally:
+        gate.set()
+    until(lambda: cat.mode == "watching", "the walk ends and the folder is watched")
+    assert keys(cat) == ["alpha"]
+
+
+def test_a_models_folder_removed_and_made_again_is_watched_again(tmp_path: Path,
+                                                                 started: Callable[..., Catalog]) -> None:
+    import shutil
+
+    models = tmp_path / "models"
+    small_gguf(models / "alpha.gguf")
+    cat = started(models)
+    assert keys(cat) == ["alpha"]
+    until(lambda: cat.mode == "watching", "the watch is set")
+    shutil.rmtree(models)
+    models.mkdir()  # on ext4 and tmpfs, often with the removed folder's inode
+    until(lambda: keys(cat) == [], "the removed model leaves the index")
+    small_gguf(models / "beta.gguf")
+    until(lambda: keys(cat) == ["beta"], "a file in the new folder is indexed")
+    small_gguf(models / "gamma.gguf")
+    until(lambda: keys(cat) == ["beta", "gamma"], "the new folder is watched, not only walked once")
+
+
+def test_a_folder_linked_under_a_second_name_is_followed(tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "aa" / "r" / "one.gguf")
+    os.symlink(models / "aa", models / "zz")  # the same folder under two names: indexed once, as aa
+    cat = started(models)
+    assert [e.rel_path for e in cat.scan()] == ["aa/r/one.gguf"]
+    until(lambda: cat.mode == "watching", "the watch is set")
+    small_gguf(models / "aa" / "r" / "two.gguf")  # the watcher may report it under either name
+    until(lambda: "two" in keys(cat), "a file in the folder with two names is indexed")
+    assert [e.rel_path for e in cat.scan()] == ["aa/r/one.gguf", "aa/r/two.gguf"]
+
+
+def test_a_request_cannot_add_a_model_under_a_folder_s_second_name(tmp_path: Path,
+                                                                   started: Callable[..., Catalog]) -> None:
+    models = tmp_path / "models"
+    small_gguf(models / "aa" / "r" / "one.gguf")
+    os.symlink(models / "aa", models / "zz")
+    cat = started(models)
+    assert keys(cat) == ["one"]
+    with pytest.raises(LookupError, match="no model 'zz/r/one'"):
+        cat.resolve("zz/r/one")
+    assert keys(cat) == ["one"] and cat.resolve("one").rel_path == "aa/r/one.gguf"
+
+
+@pytest.mark.parametrize("names", [
+    ["p/r/X-00001-of-00002.gguf", "p/r/X-00002-of-00002.gguf", "p/r/X.gguf"],  # split next to merged
+    ["p/r/X-00001-of-00002.gguf", "p/r/X-00002-of-00002.gguf", "p/r/X-00001-of-00003.gguf"],
+    ["p/r/Model.gguf", "p/r/model.gguf"],  # case only
+    ["-00001-of-00001.gguf"],  # nothing left of the name
+    ["a/-00000-of-00000.gguf", "b/x.Q4_0.gguf"],
+])
+def test_keys_are_unique_and_never_empty(names: list[str]) -> None:
+    files = {f"/m/{rel}": index_mod.File(rel, 10, "1:10") for rel in names}
+    entries, _pending = index_mod.models(files, {})
+    assert all(e.key for e in entries) and len({e.key for e in entries}) == len(entries)
+    view = index_mod.View(entries)
+    for e in entries:
+        assert view.find(e.key) is e
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a", "A", "b", "x.Q4_0", "x.q4_0", "x", "-00001-of-00002",
+                                          "-00002-of-00002", "-00001-of-00001", "x-00001-of-00002"]),
+                         min_size=1, max_size=3).map(lambda parts: "/".join(parts[:-1] + [parts[-1] + ".gguf"])),
+                max_size=8, unique=True))
+def test_any_names_make_unique_keys(names: list[str]) -> None:
+    files = {f"/m/{rel}": index_mod.File(rel, 10, "1:10") for rel in names}
+    entries, _pending = index_mod.models(files, {})
+    assert all(e.key for e in entries) and len({e.key for e in entries}) == len(entries)
+    view = index_mod.View(entries)
+    for e in entries:
+        assert view.find(e.key) is e
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path: Path, started: Callable[..., Catalog],
+                                                      indexed: bool) -> None:
+    import shutil
+
+    models = tmp_path / "models"
+    good = small_gguf(models / "good.gguf")
+    shutil.copy(good, os.fsencode(models) + b"/caf\xe9.gguf")
+    os.makedirs(os.fsencode(models) + b"/pub\xff/repo")
+    shutil.copy(good, os.fsencode(models) + b"/pub\xff/repo/inside.gguf")
+    cat = started(models) if indexed else Catalog(models)
+    entries = cat.scan()
+    assert [e.rel_path for e in entries] == ["good.gguf"]
+    for e in entries:
+        e.key.encode("utf-8"), e.rel_path.encode("utf-8"), e.path.encode("utf-8")  # what ListModels sends
+    with pytest.raises(LookupError):
+        cat.resolve(os.fsdecode(b"caf\xe9"))  # a request naming it directly
+    assert [e.rel_path for e in cat.scan()] == ["good.gguf"]

@@ -120,3 +120,41 @@ def test_tensor_infos_across_windows(tmp_path: Path, name_length: int) -> None:
         with patch.object(gguf_header, "_CHUNK", chunk):
             header = read_header(path)
         assert (header.n_params, header.expected_size) == (expected.n_params, expected.expected_size)
+
+
+def gguf_file(path: Path, kvs: list[tuple[bytes, bytes]], tensor_infos: bytes = b"", n_tensors: int = 0) -> Path:
+    """A GGUF file of string values (`kvs`: key, value) and the given raw tensor infos."""
+    body = b"".join(gguf_string(k) + struct.pack("<I", 8) + gguf_string(v) for k, v in kvs)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs)) + body + tensor_infos + bytes(64))
+    return path
+
+
+def test_long_string_values_are_skipped_but_the_chat_template_is_kept(tmp_path: Path) -> None:
+    template = b"{% for m in messages %}" * 40_000  # ~0.9 MB: long, but a chat template
+    path = gguf_file(tmp_path / "m.gguf", [(b"general.description", b"x" * 5_000_000),
+                                          (b"tokenizer.chat_template", template), (b"general.name", b"after")])
+    fields = read_header(path).fields
+    assert fields["general.description"] == gguf_header.SkippedString(5_000_000)  # moved past, never held
+    assert fields["tokenizer.chat_template"] == template.decode()
+    assert fields["general.name"] == "after"
+    huge = gguf_file(tmp_path / "t.gguf", [(b"tokenizer.chat_template", b"x" * 2_000_000)])
+    assert read_header(huge).fields["tokenizer.chat_template"] == gguf_header.SkippedString(2_000_000)
+
+
+def test_the_strings_kept_from_one_header_are_bounded(tmp_path: Path) -> None:
+    value = b"v" * 60_000  # each under the per-value limit, 17 MB in all
+    path = gguf_file(tmp_path / "m.gguf", [(f"k{i}".encode(), value) for i in range(300)])
+    with pytest.raises(GGUFError, match="bytes of strings"):
+        read_header(path)
+    with pytest.raises(GGUFError, match="key length"):
+        read_header(gguf_file(tmp_path / "k.gguf", [(b"k" * 100_000, b"v")]))
+
+
+def test_tensor_infos_are_bounded(tmp_path: Path) -> None:
+    info = struct.pack("<QIIQ", 0, 0, 0, 0)  # empty name, rank 0, F32, offset 0
+    many = gguf_header._MAX_TENSORS + 1
+    with pytest.raises(GGUFError, match="implausible tensor count"):
+        read_header(gguf_file(tmp_path / "many.gguf", [], info * many, n_tensors=many))
+    long_name = gguf_string(b"t" * 1_000_000) + struct.pack("<IIQ", 0, 0, 0)
+    with pytest.raises(GGUFError, match="tensor name length"):
+        read_header(gguf_file(tmp_path / "name.gguf", [], long_name, n_tensors=1))
