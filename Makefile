@@ -65,6 +65,7 @@ bench: install
 	$(PY) bench/bench_http.py
 	$(PY) bench/bench_batching.py --llama-server $(LMS_DEV_CACHE)/llama-server/$(LLAMA_VERSION)/llama-server $(BENCH_ARGS)
 	$(PY) bench/bench_catalog.py
+	$(PY) bench/bench_cli.py
 
 # llama.cpp's llama-server from the llama.cpp that the pinned llama-cpp-python vendors, for `make bench`: built
 # once (20-25 minutes on 2 cores, under nice) into $(LMS_DEV_CACHE)/llama-server/$(LLAMA_VERSION)/, outside the repo.
