@@ -213,3 +213,21 @@ def test_the_interrupted_part_of_another_version_is_not_continued(lms: Lms, env:
     assert out.returncode == 0, out.stderr
     assert all("range" not in h for m, p, h in hub.requests[before:] if m == "GET" and "/resolve/" in p)
     assert sha(home.models / "someone" / "V-GGUF" / "V-Q4_K_M.gguf") == hashlib.sha256(v2).hexdigest()
+
+
+def test_select_asks_on_a_terminal_with_the_default_preselected(lms: Lms, env: dict[str, str], hub: FakeHub,
+                                                                home: Home) -> None:
+    from tests.e2e.test_chat import Terminal
+
+    files = {f"Tiny-{q}.gguf": tiny_gguf(f"tiny-{q}", extra_bytes=i * 1000)
+             for i, q in enumerate(["Q2_K", "Q4_K_M", "Q8_0"])}
+    hub.add_repo("someone/Tiny-GGUF", files)
+    term = Terminal([lms.exe, "get", "someone/Tiny-GGUF", "--select"], env)
+    try:
+        shown = term.read_until("Which one")
+        assert all(q in shown for q in ("Q2_K", "Q4_K_M", "Q8_0")) and "(2)" in shown  # Q4_K_M pre-selected
+        term.send("3\r")  # the list is smallest first: Q8_0
+        assert term.proc.wait(60) == 0, term.seen[-2000:]
+    finally:
+        term.close()
+    assert [p.name for p in (home.models / "someone" / "Tiny-GGUF").iterdir()] == ["Tiny-Q8_0.gguf"]
