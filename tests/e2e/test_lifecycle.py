@@ -168,3 +168,15 @@ def test_ps_shows_a_failed_load_until_the_next_request(server: Server) -> None:
     assert "load failed" in server.lms("ps", check=True).stderr
     assert chat(server, "alpha").status_code == 200  # the daemon carries on; the record stays until...
     assert chat(server, "broken").status_code == 400  # ...the next request for that model, which tries again
+
+
+def test_a_request_cut_off_by_daemon_down_is_a_503_not_a_crash(server: Server) -> None:
+    """`lms daemon down` gives running requests their grace, then ends them: that is a shutdown (503,
+    model_unloaded, retry later), never a 500 `worker_gone` as if the worker had crashed."""
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(chat, server, SMOL, max_tokens=3000, ignore_eos=True)
+        wait_until(lambda: [i["in_flight"] for i in server.loaded()] == [1], what="the long request to run")
+        server.lms("daemon", "down", check=True)
+        r = long.result(timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_unloaded", r.text
+    assert "shut down" in r.json()["error"]["message"]
