@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from lmscli.output import err
@@ -187,6 +188,30 @@ class DaemonClient:
             return int(self.paths.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
+
+
+def models_dir() -> Path:
+    """The models folder the daemon scans: asked of a running daemon (it read LMS_MODELS_DIR when it started,
+    and this shell's may differ), else where this environment says a daemon started now would look."""
+    from lmsd.api.v1 import control_pb2 as pb
+
+    client = DaemonClient()
+    if client.healthy(timeout=2.0):
+        import grpc
+
+        try:
+            theirs = Path(client.stub.ListModels(pb.ListModelsRequest(), timeout=30).models_dir)
+        except grpc.RpcError:
+            theirs = None
+        if theirs is not None:
+            ours = client.paths.models
+            if theirs != ours:
+                from lmscli.output import err
+
+                err(f"note: the running lmsd uses the models folder {theirs} (not {ours}, which LMS_MODELS_DIR here "
+                    "says); using the daemon's")
+            return theirs
+    return client.paths.models
 
 
 def connect() -> DaemonClient:

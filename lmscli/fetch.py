@@ -17,9 +17,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmscli.client import EXIT_USAGE, CliError
+from lmscli.client import EXIT_USAGE, CliError, models_dir
 from lmscli.output import err, stderr
-from lmsd.config import Paths, replacing
+from lmsd.config import replacing
 
 _CHUNK = 1 << 20
 
@@ -86,7 +86,7 @@ def fetch_model(name: str) -> Path:
         known = ", ".join(sorted(SOURCES))
         raise CliError(f"no source for '{name}'. `lms get` knows: {known}. For any other GGUF file, download it "
                        "and use `lms import <file>`.", EXIT_USAGE)
-    path = source.fetch(Paths.from_env().models)
+    path = source.fetch(models_dir())
     err(f"{key} is ready: load it with `lms load {key}`")
     return path
 
@@ -132,7 +132,7 @@ def import_model(path: Path, *, mode: str, user_repo: str | None) -> Path:
         from lmsd.catalog import base_key
 
         rel = Path("local") / base_key(src.name)
-    models = Paths.from_env().models
+    models = models_dir()
     dest = models / rel / src.name
     if dest.exists() or dest.is_symlink():
         raise CliError(f"{dest} already exists; remove it first or pick another --user-repo")

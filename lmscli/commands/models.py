@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from lmscli import completion
-from lmscli.client import EXIT_USAGE, CliError, boundary, connect
+from lmscli.client import EXIT_USAGE, CliError, boundary, connect, models_dir
 from lmscli.durations import ttl_callback
 from lmscli.output import (
     clean,
@@ -275,10 +275,9 @@ def get(
         return
     from lmscli.hub import fetch
     from lmsd.catalog import base_key
-    from lmsd.config import Paths
     from lmsd.memory import format_bytes
 
-    result = fetch(name, select=select and not yes, dry_run=dry_run, models_dir=Paths.from_env().models)
+    result = fetch(name, select=select and not yes, dry_run=dry_run, models_dir=models_dir())
     result["model"] = base_key(Path(result["label"]).name)
     if as_json:
         print_json(result)

@@ -121,3 +121,17 @@ def test_a_bad_environment_number_is_a_warning_not_a_crash(home: Home, lms: Lms)
     lms("daemon", "up", check=True, env=env)
     assert lms("daemon", "status", check=True).returncode == 0
     assert "LMS_MAX_QUEUE='abc' is not a whole number" in (home.root / "logs" / "lmsd.log").read_text()
+
+
+def test_import_goes_where_the_running_daemon_looks_whatever_this_shell_says(home: Home, lms: Lms,
+                                                                            tiny_file: Path, tmp_path: Path) -> None:
+    """LMS_MODELS_DIR is read by the daemon when it starts: an `lms import` from a shell with another value used
+    to land in a folder the daemon never scans."""
+    theirs = tmp_path / "daemons-models"
+    theirs.mkdir()
+    lms("daemon", "up", env={**home.env, "LMS_MODELS_DIR": str(theirs)}, check=True)
+    out = lms("import", str(tiny_file), "--user-repo", "me/tiny", check=True)  # this shell: the default folder
+    assert Path(out.stdout.strip()) == theirs / "me" / "tiny" / TINY_NAME
+    assert f"the running lmsd uses the models folder {theirs}" in out.stderr
+    assert [m["path"] for m in lms.json("ls")] == [f"me/tiny/{TINY_NAME}"]
+    assert not (home.models / "me").exists()
