@@ -4,42 +4,36 @@ most a moment for it, and completes nothing (silently) when it is down or slow."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 _TIMEOUT = 0.5  # seconds: a Tab that hangs is worse than one that offers nothing
 
 
-def _client() -> object | None:
-    from lmscli.client import DaemonClient
-
-    client = DaemonClient()
-    return client if client.healthy(timeout=_TIMEOUT) else None
-
-
-def model_keys(incomplete: str) -> list[str]:
-    """Downloaded models' keys (`lms load`)."""
+def _ask(names: Callable[[Any, Any], list[str]], incomplete: str) -> list[str]:
+    """`names(stub, pb)` from a running daemon, those starting with `incomplete`; nothing on any trouble."""
     try:
+        from lmscli.client import DaemonClient
         from lmsd.api.v1 import control_pb2 as pb
 
-        client = _client()
-        if client is None:
+        client = DaemonClient()
+        if not client.healthy(timeout=_TIMEOUT):
             return []
-        models = client.stub.ListModels(pb.ListModelsRequest(), timeout=_TIMEOUT).models  # type: ignore[attr-defined]
-        return [m.key for m in models if m.key.startswith(incomplete)]
+        return [n for n in names(client.stub, pb) if n.startswith(incomplete)]
     except Exception:  # noqa: BLE001 - completion must never print a traceback into the user's shell
         return []
 
 
+def model_keys(incomplete: str) -> list[str]:
+    """Downloaded models' keys (`lms load`)."""
+    return _ask(lambda stub, pb: [m.key for m in stub.ListModels(pb.ListModelsRequest(), timeout=_TIMEOUT).models],
+                incomplete)
+
+
 def loaded_identifiers(incomplete: str) -> list[str]:
     """Loaded instances' identifiers (`lms unload`)."""
-    try:
-        from lmsd.api.v1 import control_pb2 as pb
-
-        client = _client()
-        if client is None:
-            return []
-        loaded = client.stub.ListLoaded(pb.ListLoadedRequest(), timeout=_TIMEOUT).instances  # type: ignore[attr-defined]
-        return [i.identifier for i in loaded if i.identifier.startswith(incomplete)]
-    except Exception:  # noqa: BLE001
-        return []
+    return _ask(lambda stub, pb: [i.identifier for i in
+                                  stub.ListLoaded(pb.ListLoadedRequest(), timeout=_TIMEOUT).instances], incomplete)
 
 
 def chat_models(incomplete: str) -> list[str]:

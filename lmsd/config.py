@@ -137,6 +137,7 @@ class Settings:
 
 
 MAX_PARALLEL = 64  # sequences one instance decodes together
+UNLOAD_GRACE = 10.0  # seconds a manual unload (lms unload, POST /api/v1/models/unload) lets requests finish
 MIN_MEMORY_LIMIT = 64 * 1024**2
 MAX_MEMORY_LIMIT = 1024**5
 

@@ -17,6 +17,7 @@ import grpc
 from lmsd import __version__
 from lmsd.api.v1 import control_pb2 as pb
 from lmsd.api.v1 import control_pb2_grpc
+from lmsd.config import UNLOAD_GRACE
 from lmsd.errors import LmsError
 from lmsd.scheduler import InstanceView, SchedulerEvent
 
@@ -33,7 +34,6 @@ _STATUS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "internal": grpc.StatusCode.INTERNAL,
 }
-UNLOAD_GRACE = 10.0  # seconds `lms unload` lets running requests finish before ending them
 _HTTP_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                 429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
                 500: grpc.StatusCode.INTERNAL}

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from lmsd.catalog import ModelEntry
-from lmsd.config import MAX_PARALLEL
+from lmsd.config import MAX_PARALLEL, UNLOAD_GRACE
 from lmsd.errors import LmsError
 from lmsd.http.errors import from_lms_error
 from lmsd.http.inference import ClientGone, until_disconnect
@@ -26,8 +26,6 @@ from lmsd.http.parsing import parse_body
 from lmsd.http.schemas import MAX_MODEL_NAME, MAX_TTL
 from lmsd.instance import Instance
 from lmsd.scheduler import Scheduler
-
-UNLOAD_GRACE = 10.0  # seconds running requests get to finish, as `lms unload` gives them
 
 Models = Callable[[], Awaitable[tuple[list[ModelEntry], list[Instance]]]]
 
