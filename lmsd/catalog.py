@@ -7,7 +7,7 @@ however many models there are. docs/models.md describes what a user sees. The de
 - The index (`View`, lmsd/catalog_index.py) is immutable and published whole: `resolve()` and `scan()` read the
   latest one and never wait for a lock. A change (a walk of the folder, a file the watcher reports) builds a new one.
 - Before the first walk of the folder is done, a request waits for it: keys depend on every name in the folder (two
-  files with one base key are both renamed), and the walk reads names and sizes only, which is quick. A request
+  new files with one base key are both qualified), and the walk reads names and sizes only, which is quick. A request
   never waits for the headers of other models: a model whose header is not read yet is read when it is asked for.
 - A name the index does not know is looked up as one file (`models/<name>` or `models/<name>.gguf`: a stat), then
   again after the watcher's next round (`Watcher.catch_up`), so a model written a moment ago is found; only then is
@@ -36,6 +36,7 @@ from lmsd.catalog_index import (
     View,
     base_key,
     indexable,
+    known_keys,
     models,
     part_paths,
     quant_from_name,
@@ -203,12 +204,14 @@ class Catalog:
         self.models_dir = models_dir
         self.cache_file = cache_file
         self._root = os.path.abspath(models_dir)
-        # Guards _files, _dirs, _meta, _cache_dirty and the publication of _view. Held while the index is rebuilt
+        # Guards _files, _dirs, _meta, _keys, _cache_dirty and the publication of _view. Held while the index is rebuilt
         # from them (in memory); never while the folder is read (a walk, a stat, a header), never by a reader.
         self._lock = threading.Lock()
         self._files: dict[str, File] = {}
         self._dirs: Folders = {}
-        self._meta: dict[str, Meta] = self._read_cache()
+        self._meta: dict[str, Meta] = {}
+        self._keys: dict[str, str] = {}  # the key each model has had, by path in the folder: it keeps it
+        self._read_cache()
         self._cache_dirty = False
         self._view = View([])
         self._named = threading.Event()  # the first walk is in the view: every name is known
@@ -376,7 +379,11 @@ class Catalog:
             self._cache_dirty = True
 
     def _publish(self) -> None:
-        entries, pending = models(self._files, self._meta)
+        entries, pending = models(self._files, self._meta, self._keys)
+        keys = known_keys(entries, pending, self._keys)
+        if keys != self._keys:
+            self._keys = keys
+            self._cache_dirty = True
         self._view = View(entries, pending)
 
     def _probe(self, name: str) -> ModelEntry | None:
@@ -419,18 +426,23 @@ class Catalog:
         self.read_headers(mine, save=False)  # the index's thread saves the cache once it has read the rest
         return self._view.by_name.get(entry.rel_path, entry)
 
-    def _read_cache(self) -> dict[str, Meta]:
+    def _read_cache(self) -> None:
+        """The headers and the keys the cache holds. A damaged cache costs a header read, never the index: only
+        entries `_describe` could have made are kept; keys that are not strings are dropped."""
         if self.cache_file is None:
-            return {}
+            return
         try:
             data = json.loads(self.cache_file.read_text())
             entries = data["entries"] if data.get("version") == _CACHE_VERSION else {}
+            keys = data.get("keys", {})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return {}
-        # A damaged cache costs a header read, never the index: only entries `_describe` could have made are kept.
-        if not isinstance(entries, dict):
-            return {}
-        return {path: meta for path, meta in entries.items() if isinstance(path, str) and _cached_meta_ok(meta)}
+            return
+        if isinstance(entries, dict):
+            self._meta = {path: meta for path, meta in entries.items()
+                          if isinstance(path, str) and _cached_meta_ok(meta)}
+        if isinstance(keys, dict):
+            self._keys = {path: key for path, key in keys.items()
+                          if isinstance(path, str) and isinstance(key, str) and key.strip()}
 
     def _write_cache(self) -> None:
         if self.cache_file is None:
@@ -439,8 +451,9 @@ class Catalog:
             if not self._cache_dirty:
                 return
             entries = dict(self._meta)  # a meta is never changed once made: a shallow copy is a snapshot
+            keys = dict(self._keys)
             self._cache_dirty = False
-        text = json.dumps({"version": _CACHE_VERSION, "entries": entries})
+        text = json.dumps({"version": _CACHE_VERSION, "entries": entries, "keys": keys})
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")

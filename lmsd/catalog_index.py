@@ -230,8 +230,10 @@ def _split_entry(parts: dict[int, tuple[str, File]], total: int, first_path: str
     return entry
 
 
-def models(files: dict[str, File], meta: dict[str, Meta]) -> tuple[list[ModelEntry], set[str]]:
-    """The models the files make, keyed, and the paths whose header is not read yet (or changed since)."""
+def models(files: dict[str, File], meta: dict[str, Meta],
+           kept: dict[str, str] | None = None) -> tuple[list[ModelEntry], set[str]]:
+    """The models the files make, keyed, and the paths whose header is not read yet (or changed since). `kept`: the
+    keys models had before, by path in the folder; a model still there keeps its key (`_assign_keys`)."""
     entries: list[ModelEntry] = []
     pending: set[str] = set()
     splits: dict[tuple[str, str, int], dict[int, tuple[str, File]]] = {}
@@ -253,7 +255,46 @@ def models(files: dict[str, File], meta: dict[str, Meta]) -> tuple[list[ModelEnt
         first_path = some_path[: len(some_path) - len(some_file.rel)] + first_rel
         entries.append(_split_entry(parts, total, first_path, first_rel, meta, pending))
     _assign_keys(entries)
+    if kept:
+        _keep_keys(entries, kept)
     return entries, pending
+
+
+def known_keys(entries: list[ModelEntry], pending: set[str], kept: dict[str, str]) -> dict[str, str]:
+    """The keys to keep from now on, by path: every model's whose header is read (before that, a key may still take
+    its `@quant` from the header), and those kept before."""
+    return {e.rel_path: e.key for e in entries if e.path not in pending or e.rel_path in kept}
+
+
+def _keep_keys(entries: list[ModelEntry], kept: dict[str, str]) -> None:
+    """A model that had a key keeps it: a file arriving with the same name never renames the model scripts and
+    clients already use. The newcomer takes the first of its longer keys that is free: `publisher/repo/base`,
+    then `@quant`, then its path in the folder."""
+    held: dict[str, ModelEntry] = {}  # keys taken: kept keys may differ in case only (Model.gguf, model.gguf)
+    for e in entries:
+        old = kept.get(e.rel_path)
+        if old and old not in held:
+            e.key = old
+            held[old] = e
+    if not held:
+        return
+    taken = {k.lower() for k in held}
+    for e in entries:
+        if held.get(e.key) is e:
+            continue
+        parent = PurePosixPath(e.rel_path).parent.as_posix().lower()
+        base = base_key(e.rel_path.rsplit("/", 1)[-1])
+        qualified = base if parent == "." else f"{parent}/{base}"
+        choices = [e.key, qualified, f"{qualified}@{(e.quantization or 'unknown').lower()}",
+                   SHARD.sub("", e.rel_path[:-5]).lower(), e.rel_path.lower()]
+        key = next((k for k in choices if k and k.lower() not in taken), e.rel_path)
+        n = 1
+        while key in held:  # a kept key that is this path in another case: only a number is left
+            n += 1
+            key = f"{e.rel_path}~{n}"
+        e.key = key
+        held[key] = e
+        taken.add(key.lower())
 
 
 def _assign_keys(entries: list[ModelEntry]) -> None:

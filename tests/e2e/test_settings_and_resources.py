@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import TINY_KEY, TINY_NAME, Home, Lms
+from tests.conftest import TINY_KEY, TINY_NAME, Home, Lms, wait_until
 
 
 def test_settings_change_at_once_and_survive_restart(home: Home, lms: Lms) -> None:
@@ -67,6 +67,8 @@ def test_import_copies_links_and_refuses_non_gguf(home: Home, lms: Lms, tiny_fil
     dest = home.models / "me" / "tiny" / TINY_NAME
     assert Path(out.stdout.strip()) == dest and dest.is_file() and not dest.is_symlink()
     assert dest.read_bytes() == tiny_file.read_bytes()
+    wait_until(lambda: [m["key"] for m in lms.json("ls")] == [TINY_KEY], what="the import listed under its short key")
+    # A second file of the same name: the first model keeps the key scripts already use; the newcomer is qualified.
     linked = lms("import", str(tiny_file), "--mode", "link", check=True)
     assert Path(linked.stdout.strip()).is_symlink()
     again = lms("import", str(tiny_file), "--user-repo", "me/tiny")
@@ -76,8 +78,8 @@ def test_import_copies_links_and_refuses_non_gguf(home: Home, lms: Lms, tiny_fil
     bad = lms("import", str(junk))
     assert bad.returncode == 1 and "not a usable GGUF file" in bad.stderr
     assert not list(home.models.rglob("junk*"))
-    keys = sorted(m["key"] for m in lms.json("ls"))
-    assert keys == [f"local/lms-tiny-test/{TINY_KEY}", f"me/tiny/{TINY_KEY}"]
+    listed = {m["key"]: m["path"] for m in lms.json("ls")}
+    assert listed == {TINY_KEY: f"me/tiny/{TINY_NAME}", f"local/{TINY_KEY}/{TINY_KEY}": f"local/{TINY_KEY}/{TINY_NAME}"}
 
 
 def test_get_unknown_source_is_a_usage_error(home: Home, lms: Lms) -> None:

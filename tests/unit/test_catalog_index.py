@@ -24,11 +24,13 @@ DEADLINE = 15.0  # seconds a test waits for the watcher; it reports a change wit
 
 def small_gguf(path: Path, n_tensors: int = 1, arch: str | None = "llama", context: int = 1024) -> Path:
     """A valid GGUF of a few hundred bytes: `n_tensors` 4x4 F32 tensors; the architecture keys only for a first
-    part (the other parts of a split model carry tensors only)."""
+    part (the other parts of a split model carry tensors only). Written under a hidden name and moved into place,
+    as `lms get` does: a watched index never sees it half-written."""
     from gguf import GGUFWriter
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    w = GGUFWriter(str(path), arch or "llama")
+    partial = path.with_name(f".{path.name}.part")
+    w = GGUFWriter(str(partial), arch or "llama")
     if arch is None:
         w.kv_data[0].pop("general.architecture", None)
     else:
@@ -40,6 +42,7 @@ def small_gguf(path: Path, n_tensors: int = 1, arch: str | None = "llama", conte
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    partial.replace(path)
     return path
 
 
@@ -516,6 +519,64 @@ def test_any_names_make_unique_keys(names: list[str]) -> None:
     view = index_mod.View(entries)
     for e in entries:
         assert view.find(e.key) is e
+
+
+def test_a_model_keeps_its_key_when_a_file_of_the_same_name_arrives(
+        tmp_path: Path, started: Callable[..., Catalog]) -> None:
+    """The key scripts and clients use never changes under them: the newcomer gets the longer key, and both keys
+    survive a restart of the daemon (the cache holds them)."""
+    models, cache = tmp_path / "models", tmp_path / "catalog.json"
+    small_gguf(models / "local" / "smol" / "Smol.Q8_0.gguf")
+    cat = started(models, cache)
+    assert keys(cat) == ["smol"]
+    small_gguf(models / "bob" / "smol" / "Smol.Q8_0.gguf")
+    until(lambda: len(keys(cat)) == 2, "the second file is indexed")
+    assert cat.resolve("smol").rel_path == "local/smol/Smol.Q8_0.gguf"
+    assert cat.resolve("bob/smol/smol").rel_path == "bob/smol/Smol.Q8_0.gguf"
+    small_gguf(models / "local" / "smol" / "Smol.Q4_0.gguf")  # same folder: the quantization tells it apart
+    until(lambda: len(keys(cat)) == 3, "the third file is indexed")
+    assert keys(cat) == ["bob/smol/smol", "local/smol/smol@q4_0", "smol"]
+    cat.stop()
+    assert keys(started(models, cache)) == ["bob/smol/smol", "local/smol/smol@q4_0", "smol"]
+    # Files that arrive together, with nothing known before, are both qualified, as always.
+    assert keys(Catalog(models)) == ["bob/smol/smol", "local/smol/smol@q4_0", "local/smol/smol@q8_0"]
+
+
+def _read(rel: str) -> tuple[str, index_mod.File, index_mod.Meta]:
+    return f"/m/{rel}", index_mod.File(rel, 10, "1:10"), {"stamp": "1:10", "quantization": quant_from(rel)}
+
+
+def quant_from(rel: str) -> str:
+    return index_mod.quant_from_name(rel.rsplit("/", 1)[-1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a/r/x.Q4_0.gguf", "a/r/x.Q8_0.gguf", "b/r/x.Q4_0.gguf", "x.gguf",
+                                          "x.q4_0.gguf", "a/r/x.gguf", "A/r/x.gguf", "x@q4_0.gguf", "a/r/x@q4_0.gguf",
+                                          "x-00001-of-00001.gguf"]),
+                         max_size=6, unique=True), min_size=1, max_size=6))
+def test_keys_stay_stable_as_files_come_and_go(steps: list[list[str]]) -> None:
+    """Whatever files come and go, a model keeps the key it had while it stays, and no two models share a key."""
+    kept: dict[str, str] = {}
+    for names in steps:
+        files, meta = {}, {}
+        for rel in names:
+            path, file, m = _read(rel)
+            files[path], meta[path] = file, m
+        entries, pending = index_mod.models(files, meta, kept)
+        assert all(e.key for e in entries) and len({e.key for e in entries}) == len(entries)
+        for e in entries:
+            assert kept.get(e.rel_path, e.key) == e.key
+        view = index_mod.View(entries)
+        assert all(view.find(e.key) is e for e in entries)
+        kept = index_mod.known_keys(entries, pending, kept)
+
+
+def test_a_key_is_kept_only_once_the_header_is_read() -> None:
+    """Before its header is read a model's key may still take its quantization from the header: it is not kept."""
+    files = {f"/m/{rel}": index_mod.File(rel, 10, "1:10") for rel in ("p/r/m.gguf", "q/r/m.gguf")}
+    entries, pending = index_mod.models(files, {})
+    assert index_mod.known_keys(entries, pending, {}) == {}
 
 
 @pytest.mark.parametrize("indexed", [False, True])
