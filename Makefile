@@ -14,6 +14,9 @@ DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml constraints.txt | sha256s
 LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
 export LMS_TEST_CACHE ?= $(LMS_DEV_CACHE)/test-assets
 PYTEST_ARGS ?=
+# setuptools warns on every editable install that a folder named like the package takes precedence: true, and
+# exactly what a checkout wants. A new user's `make demo` shows no build-tool warnings.
+QUIET_BUILD := PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: install demo test unit stress lint protos bench clean-venv
 
@@ -21,7 +24,7 @@ install: $(DEPS_STAMP)
 	@# The venv is shared by clones: point its editable install at this checkout when it points elsewhere.
 	@# -P: without the current folder on sys.path, so the check sees what the installed scripts see.
 	@$(PY) -P -c "import lmsd,sys; sys.exit(0 if lmsd.__file__.startswith('$(CURDIR)/') else 1)" 2>/dev/null || \
-		$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+		$(QUIET_BUILD) $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
 $(DEPS_STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -31,7 +34,7 @@ $(DEPS_STAMP): pyproject.toml constraints.txt
 		echo "building llama-cpp-python $(LLAMA_VERSION) from source (once; about 5 minutes on 2 cores)"; \
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip wheel --quiet --no-deps \
 			-w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); }
-	$(PY) -m pip install --quiet --find-links $(WHEELS) -c constraints.txt -e '.[dev,bench]'
+	$(QUIET_BUILD) $(PY) -m pip install --quiet --find-links $(WHEELS) -c constraints.txt -e '.[dev,bench]'
 	@rm -f $(VENV)/.deps-*
 	@touch $@
 

@@ -99,7 +99,7 @@ def write_atomically(src: object, target: Path, size: int, *, expect_sha256: str
     digest = hashlib.sha256()
     with replacing(target) as out, Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=stderr, transient=True, disable=not stderr.is_terminal,
+        console=stderr.console, transient=True, disable=not stderr.is_terminal,
     ) as bar:
         task = bar.add_task(label, total=size)
         while chunk := src.read(_CHUNK):  # type: ignore[attr-defined]

@@ -300,7 +300,7 @@ def _ask(repo: str, choices: list[Choice]) -> Choice:
         shards = f" ({len(c.files)} parts)" if len(c.files) > 1 else ""
         table.add_row(str(i), c.quant or "?", format_bytes(c.size), c.label + shards)
     stderr.print(table)
-    n = IntPrompt.ask("Which one", console=stderr, default=choices.index(default) + 1,
+    n = IntPrompt.ask("Which one", console=stderr.console, default=choices.index(default) + 1,
                       choices=[str(i) for i in range(1, len(choices) + 1)], show_choices=False)
     return choices[n - 1]
 
@@ -355,7 +355,7 @@ def fetch(target_text: str, *, select: bool, dry_run: bool, models_dir: Path) ->
             part = _part(staging, f, hub.commit)
             todo.append((entry, f, part, held.enter_context(_locked_part(part, f.name)), final))
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+                      console=stderr.console, transient=True, disable=not stderr.is_terminal) as progress:
             for _entry, f, part, out, _final in todo:
                 err(f"Downloading {f.name} ({format_bytes(f.size)}) from {hub.endpoint}/{target.repo}")
                 hub.download(target.repo, f, out, _bar(progress, Path(f.name).name))

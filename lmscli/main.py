@@ -1,6 +1,6 @@
 """The root `lms` command. Each group lives in lmscli/commands/; imports there stay lazy."""
 
-from __future__ import annotations
+from typing import Any
 
 import typer
 
@@ -59,7 +59,50 @@ def _status(as_json: bool) -> None:
     print_instances(list(loaded.instances), loaded.memory)
 
 
+class _AsIs:
+    """Typer's coercion of a value it would return unchanged, without building it: nothing (None; () for a multiple
+    parameter), or a parameter's own default of its own plain type."""
+
+    @staticmethod
+    def coerce(value: object, param: Any, ctx: object) -> object:
+        if value is None:
+            return () if param.multiple or param.nargs == -1 else None
+        return value
+
+
+def _needs_no_coercion(param: Any, value: object) -> bool:
+    if value is None:
+        return True
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return value is param.default and type(value) in (bool, int, float, str) and type(value) is annotation
+
+
+def _coerce_defaults_cheaply() -> None:
+    """Typer (0.2x) coerces every parameter through a pydantic TypeAdapter that it builds on first use, even a
+    parameter that was not given (its own --help, --install-completion and --show-completion, on every call; a
+    default such as `--grace 10.0`): that imports pydantic, about 200 ms on every `lms ps` and every Tab. For those
+    values Typer's coercion returns the value unchanged, so it is answered here without building the adapter; a
+    value a user gave is coerced (and checked) by Typer as always. Where Typer has no such lazy coercion (before
+    0.2x, or changed), this does nothing and Typer works as it does."""
+    param_class = getattr(typer.core, "_TyperParameter", None)
+    if param_class is None or not hasattr(param_class, "get_runtime_param"):
+        return
+    process_value = param_class.process_value
+
+    def process(self: Any, ctx: object, value: object) -> object:
+        if getattr(self, "_runtime_param", False) is not None or not _needs_no_coercion(self, value):
+            return process_value(self, ctx, value)
+        self._runtime_param = _AsIs
+        try:
+            return process_value(self, ctx, value)
+        finally:
+            self._runtime_param = None
+
+    param_class.process_value = process
+
+
 def main() -> None:
+    _coerce_defaults_cheaply()
     app()
 
 

@@ -5,18 +5,60 @@ JSON field names are a documented interface (docs/cli.md): add fields, never ren
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
-# Off a terminal (pipes, scripts, tests) Rich would assume 80 columns and cut table cells; use room instead.
-stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
+
+class LazyConsole:
+    """A Rich console made on first use. Importing Rich costs about 40 ms, and what runs on every prompt or Tab
+    (`lms ps` with nothing loaded, completion) prints no table: a plain message is written as it is."""
+
+    def __init__(self, to_stderr: bool) -> None:
+        self._to_stderr = to_stderr
+
+    @functools.cached_property
+    def console(self) -> Console:
+        from rich.console import Console
+
+        # Off a terminal (pipes, scripts, tests) Rich would assume 80 columns and cut table cells; use room instead.
+        file = sys.stderr if self._to_stderr else sys.stdout
+        return Console(stderr=self._to_stderr, highlight=False, soft_wrap=True, width=None if file.isatty() else 240)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.console.is_terminal if "console" in self.__dict__ else self._file.isatty()
+
+    @property
+    def _file(self) -> Any:
+        return sys.stderr if self._to_stderr else sys.stdout
+
+    def write(self, text: str, dim: bool = False) -> None:
+        """Lines of plain text (no markup, no emoji codes), dimmed on a terminal when asked; through Rich only when
+        Rich is already in use here (a progress bar or a live answer on the screen must not be written over)."""
+        if "console" in self.__dict__:
+            self.console.print(text, markup=False, highlight=False, emoji=False,
+                               style="dim" if dim and self.console.is_terminal else None)
+            return
+        file = self._file
+        if dim and file.isatty():
+            text = f"\x1b[2m{text}\x1b[0m"
+        file.write(text + "\n")
+        file.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+stdout = LazyConsole(to_stderr=False)
+stderr = LazyConsole(to_stderr=True)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -46,15 +88,23 @@ def _escaped(c: str) -> str:
 
 def cell(value: object) -> Text:
     """A table cell shown as it is: no Rich markup (`[red]` stays `[red]`), control characters escaped."""
+    from rich.text import Text
+
     return Text(clean(value))
 
 
+def table(**options: Any) -> Table:
+    from rich.table import Table
+
+    return Table(pad_edge=False, **options)
+
+
 def err(message: str) -> None:
-    stderr.print(clean(message), markup=False, highlight=False)
+    stderr.write(clean(message))
 
 
 def info(message: str) -> None:
-    stderr.print(clean(message), markup=False, highlight=False, style="dim" if stderr.is_terminal else None)
+    stderr.write(clean(message), dim=True)
 
 
 def print_json(data: Any) -> None:
@@ -141,26 +191,48 @@ def ttl_cell(i: Any) -> str:
 
 
 def print_instances(instances: list[Any], memory: Any = None) -> None:
+    """`lms ps`: a plain aligned table, written without Rich (its import would double what `lms ps` costs over a
+    bare Typer + gRPC program; `lms ps` runs at every prompt of some users' shells)."""
     if not instances:
         info("No models are loaded. Load one with `lms load <model>`.")
         if memory is not None:
             info(memory_line(memory))
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("IDENTIFIER", "MODEL", "STATUS", "ORIGIN", "SIZE", "MEMORY", "CONTEXT", "PARALLEL", "TTL"):
-        table.add_column(col, no_wrap=True)
+    rows = []
     for i in instances:
         status = i.status
         if i.in_flight or i.queued:
             status += f" ({i.in_flight} running, {i.queued} queued)"
-        table.add_row(cell(i.identifier), cell(i.model), cell(status), i.origin, format_bytes(i.size_bytes),
-                      format_bytes(i.memory_bytes), str(i.context_length or "-"), str(i.parallel or "-"), ttl_cell(i))
-    stdout.print(table)
+        rows.append([clean(i.identifier), clean(i.model), clean(status), clean(i.origin), format_bytes(i.size_bytes),
+                     format_bytes(i.memory_bytes), str(i.context_length or "-"), str(i.parallel or "-"), ttl_cell(i)])
+    stdout.write(aligned(["IDENTIFIER", "MODEL", "STATUS", "ORIGIN", "SIZE", "MEMORY", "CONTEXT", "PARALLEL", "TTL"],
+                        rows, bold_header=stdout.is_terminal))
     for i in instances:
         if i.status == "failed":
             err(f"{i.identifier}: load failed: {i.message}")
     if memory is not None:
         info(memory_line(memory))
+
+
+def aligned(header: list[str], rows: list[list[str]], bold_header: bool = False) -> str:
+    """Columns two spaces apart, each as wide as its widest cell (on a terminal: a wide character counts twice), as
+    Rich's borderless table draws them. Cells must be `clean`ed."""
+    widths = [max(_width(r[n]) for r in [header, *rows]) for n in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c + " " * (w - _width(c)) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    top = line(header)
+    return "\n".join([f"\x1b[1m{top}\x1b[0m" if bold_header else top, *(line(r) for r in rows)])
+
+
+def _width(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) == "Cf"
+               else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 # ---------------------------------------------------------------- lms ls
@@ -185,17 +257,17 @@ def print_models(models: list[Any], models_dir: str) -> None:
     if not models:
         info(f"No models in {models_dir}. Fetch one with `lms get smollm2-135m-instruct` or `lms import <file>`.")
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
+    rows = table(box=None, header_style="bold")
     for col in ("MODEL", "PARAMS", "ARCH", "QUANT", "SIZE", "CONTEXT", "TYPE", "LOADED"):
-        table.add_column(col, no_wrap=col != "MODEL")
+        rows.add_column(col, no_wrap=col != "MODEL")
     for m in models:
         if m.error:
-            table.add_row(cell(m.key), "-", "-", "-", format_bytes(m.size_bytes), "-", "[red]unreadable[/red]", "")
+            rows.add_row(cell(m.key), "-", "-", "-", format_bytes(m.size_bytes), "-", "[red]unreadable[/red]", "")
             continue
-        table.add_row(cell(m.key), format_params(m.params), cell(m.arch), cell(m.quantization),
-                      format_bytes(m.size_bytes),
-                      str(m.max_context_length or "-"), m.type, "✓" if m.loaded else "")
-    stdout.print(table)
+        rows.add_row(cell(m.key), format_params(m.params), cell(m.arch), cell(m.quantization),
+                     format_bytes(m.size_bytes),
+                     str(m.max_context_length or "-"), m.type, "✓" if m.loaded else "")
+    stdout.print(rows)
     bad = [m for m in models if m.error]
     for m in bad:
         err(f"warning: {m.path} cannot be used: {m.error}")
@@ -223,25 +295,25 @@ def settings_json(s: Any) -> dict[str, Any]:
 
 
 def print_settings(s: Any) -> None:
-    table = Table(box=None, show_header=False, pad_edge=False)
-    table.add_column("setting", style="bold")
-    table.add_column("value")
-    table.add_column("meaning", style="dim")
-    table.add_row("jit", _on(s.jit), "requests for an unloaded model load it just in time")
-    table.add_row("auto_evict", _on(s.auto_evict), "a JIT load first unloads other JIT-loaded models")
-    table.add_row("default_ttl", f"{format_duration(s.default_ttl)} ({s.default_ttl}s)", "idle TTL of JIT loads")
-    table.add_row("port", str(s.port), "HTTP endpoint port")
-    table.add_row("bind", cell(s.bind), "HTTP endpoint address")
-    table.add_row("cors", _on(s.cors), "answer cross-origin HTTP requests")
+    rows = table(box=None, show_header=False)
+    rows.add_column("setting", style="bold")
+    rows.add_column("value")
+    rows.add_column("meaning", style="dim")
+    rows.add_row("jit", _on(s.jit), "requests for an unloaded model load it just in time")
+    rows.add_row("auto_evict", _on(s.auto_evict), "a JIT load first unloads other JIT-loaded models")
+    rows.add_row("default_ttl", f"{format_duration(s.default_ttl)} ({s.default_ttl}s)", "idle TTL of JIT loads")
+    rows.add_row("port", str(s.port), "HTTP endpoint port")
+    rows.add_row("bind", cell(s.bind), "HTTP endpoint address")
+    rows.add_row("cors", _on(s.cors), "answer cross-origin HTTP requests")
     limit = format_bytes(int(s.memory_limit)) if s.memory_limit.isdigit() else s.memory_limit
-    table.add_row("memory_limit", limit, "memory budget of all loaded models (auto: available less a margin)")
-    table.add_row("max_loaded_models", str(s.max_loaded_models or "no limit"), "instances loaded at once")
-    table.add_row("load_timeout", f"{format_duration(s.load_timeout)}", "a load without progress this long is killed")
-    table.add_row("max_wait", f"{format_duration(s.max_wait)}", "how long a request may wait for its model")
-    table.add_row("default_parallel", str(s.default_parallel), "requests one model decodes together")
-    table.add_row("api_key", "set" if s.api_key_set else "not set", "HTTP requests need `Authorization: Bearer "
-                  "<key>` (--api-key-set / --api-key-clear)")
-    stdout.print(table)
+    rows.add_row("memory_limit", limit, "memory budget of all loaded models (auto: available less a margin)")
+    rows.add_row("max_loaded_models", str(s.max_loaded_models or "no limit"), "instances loaded at once")
+    rows.add_row("load_timeout", f"{format_duration(s.load_timeout)}", "a load without progress this long is killed")
+    rows.add_row("max_wait", f"{format_duration(s.max_wait)}", "how long a request may wait for its model")
+    rows.add_row("default_parallel", str(s.default_parallel), "requests one model decodes together")
+    rows.add_row("api_key", "set" if s.api_key_set else "not set", "HTTP requests need `Authorization: Bearer "
+                 "<key>` (--api-key-set / --api-key-clear)")
+    stdout.print(rows)
     if s.warning:
         err(f"warning: {s.warning}")
 

@@ -6,8 +6,6 @@ session: the answer streams in, rendered as Markdown on a terminal; the history 
 session; Ctrl-C or Ctrl-D at the prompt ends it.
 """
 
-from __future__ import annotations
-
 import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -171,7 +169,7 @@ class _live:
     def __init__(self) -> None:
         from rich.live import Live
 
-        self._live = Live(console=stdout, refresh_per_second=12, vertical_overflow="crop", transient=True)
+        self._live = Live(console=stdout.console, refresh_per_second=12, vertical_overflow="crop", transient=True)
         self._live.start()
 
     def update(self, text: str) -> None:

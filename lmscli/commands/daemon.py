@@ -1,7 +1,5 @@
 """`lms daemon up|down|status|install-service`: the lmsd process itself."""
 
-from __future__ import annotations
-
 import os
 import time
 from typing import Annotated

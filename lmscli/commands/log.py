@@ -1,7 +1,5 @@
 """`lms log stream`: follow the daemon's lifecycle events and requests as they happen."""
 
-from __future__ import annotations
-
 import sys
 from typing import Annotated
 

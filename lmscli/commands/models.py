@@ -1,7 +1,5 @@
 """Model commands: load, unload, ps, ls, import, get."""
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,7 +71,7 @@ def load(
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("Loading {task.fields[model]}"), BarColumn(), TaskProgressColumn(),
-                  TimeElapsedColumn(), console=stderr, transient=True,
+                  TimeElapsedColumn(), console=stderr.console, transient=True,
                   disable=not stderr.is_terminal) as bar:
         task = bar.add_task("load", total=1.0, model=key)
         for event in client.stub.Load(request):
@@ -138,8 +136,8 @@ def _choose_model(query: str, keys: list[str], yes: bool, models_dir: str) -> st
     err(f"'{query}' matches several models:")
     for n, key in enumerate(ranked[:9], 1):
         err(f"  {n}. {key}")
-    choice = IntPrompt.ask("Load which one", console=stderr, choices=[str(n) for n in range(1, len(ranked[:9]) + 1)],
-                           default=1)
+    choice = IntPrompt.ask("Load which one", console=stderr.console,
+                           choices=[str(n) for n in range(1, len(ranked[:9]) + 1)], default=1)
     return ranked[choice - 1]
 
 

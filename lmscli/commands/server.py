@@ -1,7 +1,5 @@
 """`lms server ...`: the daemon's settings (and, with the HTTP endpoint, start/stop/status)."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer
@@ -11,6 +9,18 @@ from lmscli.durations import ttl_callback
 from lmscli.output import err, http_json, print_http, print_json, print_settings, settings_json
 
 app = typer.Typer(help="The HTTP endpoint and the daemon's settings.", no_args_is_help=True)
+
+
+def _memory_limit(value: str | None) -> str | None:
+    """A bad --memory-limit is a usage error (exit 2) that says what is allowed."""
+    if value is None:
+        return None
+    from lmsd.memory import parse_memory_limit
+
+    try:
+        return str(parse_memory_limit(value))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()
@@ -86,18 +96,6 @@ def settings(
         print_json(settings_json(result))
     else:
         print_settings(result)
-
-
-def _memory_limit(value: str | None) -> str | None:
-    """A bad --memory-limit is a usage error (exit 2) that says what is allowed."""
-    if value is None:
-        return None
-    from lmsd.memory import parse_memory_limit
-
-    try:
-        return str(parse_memory_limit(value))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
 
 
 def _read_api_key() -> str:
