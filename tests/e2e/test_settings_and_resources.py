@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import TINY_KEY, TINY_NAME, Home, Lms, wait_until
 
 
@@ -89,40 +87,38 @@ def test_get_unknown_source_is_a_usage_error(home: Home, lms: Lms) -> None:
     assert out.returncode == 2 and "smollm2-135m-instruct" in out.stderr and "lms import" in out.stderr
 
 
-@pytest.mark.parametrize("argv", [["ps"], ["ps", "--json"], ["completion"]])
-def test_lms_ps_and_completion_import_nothing_heavy(home: Home, lms: Lms, tiny_file: Path, argv: list[str]) -> None:
+def test_lms_ps_and_completion_import_nothing_heavy(home: Home, lms: Lms, tiny_file: Path) -> None:
     """`lms ps` and a Tab run at every prompt: no llama_cpp, FastAPI or numpy, and neither pydantic (Typer's
     coercion of parameters not given) nor Rich (the table is plain text) — each would add a large part of a bare
     Typer + gRPC program's start-up (bench/bench_cli.py measures it)."""
     lms("import", str(tiny_file), check=True)
     lms("load", TINY_KEY, "--ttl", "5m", check=True)
-    env = {**home.env}
-    if argv == ["completion"]:
-        env.update(_LMS_COMPLETE="complete_bash", COMP_WORDS="lms unload ", COMP_CWORD="2")
-    code = (
-        "import sys\n"
-        f"sys.argv = ['lms', *{argv!r}][: 1 if {argv == ['completion']} else None]\n"
-        "from lmscli.main import main\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'llama_cpp', 'fastapi', 'uvicorn', 'numpy', 'gguf',\n"
-        "                                                         'pydantic', 'rich'})\n"
-        "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert "HEAVY=\n" in out.stderr, out.stderr
-    if argv == ["ps", "--json"]:
-        assert [i["identifier"] for i in json.loads(out.stdout)] == [TINY_KEY]
-    elif argv == ["ps"]:
-        header, row = out.stdout.splitlines()
-        assert header.split() == ["IDENTIFIER", "MODEL", "STATUS", "ORIGIN", "SIZE", "MEMORY", "CONTEXT", "PARALLEL",
-                                  "TTL"]
-        assert row.split()[:4] == [TINY_KEY, TINY_KEY, "idle", "manual"] and row.endswith("/ 5m")
-        assert row.index("manual") == header.index("ORIGIN")  # aligned under its heading
-    else:
-        assert out.stdout.split() == [TINY_KEY]
+
+    def run(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+        code = (
+            "import sys\n"
+            f"sys.argv = {['lms', *argv]!r}\n"
+            "from lmscli.main import main\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "heavy = {m.split('.')[0] for m in sys.modules}\n"
+            "heavy &= {'llama_cpp', 'fastapi', 'uvicorn', 'numpy', 'gguf', 'pydantic', 'rich'}\n"
+            "print('HEAVY=' + ','.join(sorted(heavy)), file=sys.stderr)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], env={**home.env, **env}, capture_output=True, text=True,
+                             timeout=60)
+        assert "HEAVY=\n" in out.stderr, out.stderr
+        return out
+
+    assert [i["identifier"] for i in json.loads(run("ps", "--json").stdout)] == [TINY_KEY]
+    header, row = run("ps").stdout.splitlines()
+    assert header.split() == ["IDENTIFIER", "MODEL", "STATUS", "ORIGIN", "SIZE", "MEMORY", "CONTEXT", "PARALLEL", "TTL"]
+    assert row.split()[:4] == [TINY_KEY, TINY_KEY, "idle", "manual"] and row.endswith("/ 5m")
+    assert row.index("manual") == header.index("ORIGIN")  # aligned under its heading
+    tab = run(_LMS_COMPLETE="complete_bash", COMP_WORDS="lms unload ", COMP_CWORD="2")
+    assert tab.stdout.split() == [TINY_KEY]
 
 
 def test_models_dir_can_live_elsewhere(home: Home, lms: Lms, tiny_file: Path, tmp_path: Path) -> None:
