@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from lmsd import tools
 from lmsd.http.errors import HttpError, error_body
 from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
 from lmsd.http.parsing import parse_body
@@ -38,27 +39,47 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
     gen = await inference.start(request, body, "chat", endpoint)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     base = {"id": rid, "created": created, "model": gen.identifier, "system_fingerprint": gen.identifier}
+    names = {f.name for f in body.functions}
     if not body.stream:
         text = await inference.collect(request, gen)
+        content, calls = tools.parse(text, gen.done.get("tool_format", "generic"), names) if names else (text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = [c.openai() for c in calls]
         return JSONResponse({
             **base, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": gen.done.get("finish_reason", "stop")}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "tool_calls" if calls else gen.done.get("finish_reason", "stop")}],
             "usage": gen.usage(), **extra(gen),
         })
 
     async def events() -> AsyncIterator[str]:
         chunk = {**base, "object": "chat.completion.chunk"}
-        yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]})
+
+        def delta(d: dict[str, Any], finish: str | None = None) -> str:
+            return sse({**chunk, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]})
+
+        yield delta({"role": "assistant", "content": ""})
+        stream = tools.ToolStream() if names else None
         async for text in inference.tokens(gen):
             if isinstance(text, HttpError):
                 yield sse(error_body(text.status, text.message, text.param, text.code))
                 return
-            yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
-                                             "finish_reason": None}]})
-        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                         "finish_reason": gen.done.get("finish_reason", "stop")}], **extra(gen)})
+            text = stream.feed(text) if stream is not None else text
+            if text:
+                yield delta({"content": text})
+        calls: list[tools.ToolCall] = []
+        if stream is not None:
+            rest, calls = stream.finish(gen.done.get("tool_format", "generic"), names)
+            if rest:
+                yield delta({"content": rest})
+            for i, call in enumerate(calls):  # the name first, then the arguments in pieces, as OpenAI streams them
+                yield delta({"tool_calls": [{**call.openai(i), "function": {"name": call.name, "arguments": ""}}]})
+                for piece in tools.pieces(call.arguments):
+                    yield delta({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+        finish = "tool_calls" if calls else gen.done.get("finish_reason", "stop")
+        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}],
+                   **extra(gen)})
         if body.include_usage:
             yield sse({**chunk, "choices": [], "usage": gen.usage()})
         yield sse("[DONE]")

@@ -238,6 +238,17 @@ def check_schema(schema: Any, depth: int = 0) -> None:
             check_schema(item, depth + 1)
 
 
+def _bounded_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON schema a grammar can be built from: at most MAX_SCHEMA_BYTES, bounded (check_schema)."""
+    import json
+
+    if schema is not None:
+        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KB")
+        check_schema(schema)
+    return schema
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -247,14 +258,69 @@ class ResponseFormat(BaseModel):
 
     @model_validator(mode="after")
     def _bounded(self) -> ResponseFormat:
-        import json
-
         for part in (self.json_schema, self.schema_):
-            if part is not None:
-                if len(json.dumps(part)) > MAX_SCHEMA_BYTES:
-                    raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KB")
-                check_schema(part)
+            _bounded_schema(part)
         return self
+
+
+MAX_TOOLS = 128  # functions one request offers; each is rendered into the prompt
+FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = Field(default=None, max_length=16 * 1024)
+    parameters: dict[str, Any] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _bounded_schema(v)
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(json_schema_extra={"enum": ["function"]})
+    function: FunctionDef | None = None
+
+    @model_validator(mode="after")
+    def _function(self) -> Tool:
+        if self.type != "function":
+            raise ValueError(f"tools of type '{self.type}' are not supported; only 'function' tools are")
+        if self.function is None:
+            raise ValueError("a function tool needs `function`")
+        return self
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(default="{}", max_length=1024 * 1024)
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant message made (the history a client sends back with the results)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = Field(default=None, max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.function.get("name", "")
 
 
 class ChatMessage(BaseModel):
@@ -265,6 +331,8 @@ class ChatMessage(BaseModel):
         "type": "object", "required": ["type", "text"],
         "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}})
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
     @field_validator("content")
     @classmethod
@@ -282,16 +350,41 @@ class ChatMessage(BaseModel):
         return v
 
     def as_llama(self) -> dict[str, Any]:
+        """The message as chat templates take it (Hugging Face's convention): tool calls with their arguments as
+        objects, a tool result with its call's id and the function's name when the client gave it."""
         content = self.content
         if isinstance(content, list):  # OpenAI content parts, already checked to be text
             content = "\n".join(part["text"] for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id or f"call_{n}", "type": "function",
+                                      "function": {"name": c.function.name, "arguments": _arguments(c.function)}}
+                                     for n, c in enumerate(self.tool_calls)]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id or ""
+            if self.name:
+                message["name"] = self.name
+        return message
+
+
+def _arguments(function: CalledFunction) -> Any:
+    """A call's arguments as an object, as templates render them (`| tojson`); text that is not JSON stays text."""
+    import json
+
+    try:
+        return json.loads(function.arguments)
+    except ValueError:
+        return function.arguments
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @model_validator(mode="after")
     def _max_tokens_alias(self) -> ChatRequest:
@@ -299,11 +392,48 @@ class ChatRequest(_Sampling):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice(self) -> ChatRequest:
+        choice = self.tool_choice
+        if choice is None or choice == "none" or choice == "auto":
+            return self
+        if not self.tools:
+            raise ValueError("tool_choice other than 'none' or 'auto' needs `tools`")
+        if isinstance(choice, NamedToolChoice) and choice.name not in {f.name for f in self.functions}:
+            raise ValueError(f"tool_choice names the function '{choice.name}', which is not in `tools`")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("a forced tool_choice and response_format cannot be combined: both constrain the answer")
+        return self
+
+    @property
+    def functions(self) -> list[FunctionDef]:
+        """The functions the model may call: none with tool_choice "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.function for t in self.tools if t.function is not None]
+
+    @property
+    def forced(self) -> list[FunctionDef]:
+        """The functions an answer must call one of (tool_choice "required" or a named one), else []."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return [f for f in self.functions if f.name == choice.name]
+        return self.functions if choice == "required" else []
+
     def worker_params(self) -> dict[str, Any]:
         params = self.sampling_params()
         params["messages"] = [m.as_llama() for m in self.messages]
         if self.response_format is not None and self.response_format.type != "text":
             params["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
+        if self.functions:
+            params["tools"] = [{"type": "function", "function": f.model_dump(exclude_none=True)}
+                               for f in self.functions]
+        if self.forced:
+            from lmsd.tools import call_schema
+
+            schema = call_schema([f.model_dump(exclude_none=True) for f in self.forced],
+                                 parallel=bool(self.parallel_tool_calls))
+            params["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
         return params
 
 

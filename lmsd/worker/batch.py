@@ -75,6 +75,7 @@ class Sequence:
     sampler: Any  # its llama_sampler chain, freed when it ends
     text: TextStream
     received: float
+    tool_format: str = ""  # a chat offering tools: how the model writes calls (lmsd/tools.py), for the done event
     reserve: int = 0  # KV cells it holds, set when admitted
     generated: int = 0
     reused: int = -1  # prompt tokens found in the slot's cache (-1: not admitted yet)
@@ -116,9 +117,14 @@ class BatchEngine:
         """Queues a request; raises ValueError (a 400 for the client) when it can never run."""
         received = self.clock()
         stops = list(params.get("stop") or [])
+        tool_format = ""
         if kind == "chat":
             prompt, template_stops = self._chat_prompt(params)
             stops += template_stops
+            if params.get("tools"):
+                from lmsd.tools import family
+
+                tool_format = family(self.llm.metadata.get("tokenizer.chat_template"))
         else:
             text = str(params.get("prompt") or "")
             prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
@@ -139,12 +145,17 @@ class BatchEngine:
         sampler = self._sampler(kind, params, grammar)
         self._queue(Sequence(rid=rid, order=next(self._order), tokens=list(prompt), n_prompt=len(prompt),
                              limit=limit, bounded=max_tokens is not None, sampler=sampler, text=TextStream(stops),
-                             received=received))
+                             received=received, tool_format=tool_format))
 
     def _chat_prompt(self, params: dict[str, Any]) -> tuple[list[int], list[str]]:
         if self._formatter is None:
             self._formatter = _chat_formatter(self.llm)
-        result = self._formatter(messages=params.get("messages") or [])
+        messages, tools = params.get("messages") or [], params.get("tools")
+        if tools:
+            from lmsd.tools import for_template
+
+            messages, tools = for_template(self.llm.metadata.get("tokenizer.chat_template"), messages, tools)
+        result = self._formatter(messages=messages, tools=tools)
         tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
         stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return tokens, [s for s in stops if s]
@@ -428,7 +439,8 @@ class BatchEngine:
         self.emit({"ev": "done", "id": seq.rid, "finish_reason": reason, "prompt_tokens": seq.n_prompt,
                    "completion_tokens": seq.generated, "prompt_cached_tokens": max(seq.reused, 0),
                    "time_to_first_token": round((seq.first_at or now) - seq.received, 6),
-                   "generation_time": round(now - seq.received, 6)})
+                   "generation_time": round(now - seq.received, 6),
+                   **({"tool_format": seq.tool_format} if seq.tool_format else {})})
 
     def _fail(self, seqs: list[Sequence], message: str) -> None:
         for seq in seqs:

@@ -1,0 +1,154 @@
+"""Tool calling's pure parts (lmsd/tools.py): the format a chat template implies, reading answers of real model
+families into calls (answers as those models write them, malformed ones included), the stream that holds back a
+call, the prompt for templates without tool support, and the schema that forces a call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmsd import tools
+
+NAMES = {"get_weather", "search"}
+
+# Chat-template fragments as the GGUFs carry them (trimmed to the part that identifies the format).
+QWEN25 = ('{%- if tools %}{{- "# Tools\\n\\nYou may call one or more functions" }}{%- for tool in tools %}'
+          '{{- tool | tojson }}{%- endfor %}{{- "<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
+          '<args-json-object>}\\n</tool_call>" }}{%- endif %}')
+LLAMA31 = ('{%- if tools is not none %}{{- "<|start_header_id|>ipython<|end_header_id|>" }}{%- endif %}'
+           '{{- "<|python_tag|>" + tool_call.name }}')
+MISTRAL = '{%- if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{%- endif %}[TOOL_CALLS]'
+CHATML = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+
+
+@pytest.mark.parametrize(("template", "fmt"), [(QWEN25, "hermes"), (LLAMA31, "llama3"), (MISTRAL, "mistral"),
+                                                (CHATML, "generic"), (None, "generic")])
+def test_the_format_comes_from_the_template(template: str | None, fmt: str) -> None:
+    assert tools.family(template) == fmt
+
+
+# Answers as the models write them (recorded from Qwen2.5-0.5B/1.5B-Instruct, Hermes-3-Llama-3.1-8B,
+# Llama-3.2-3B-Instruct, Mistral-7B-Instruct-v0.3 and Mistral-Small-24B-Instruct-2501 with llama.cpp).
+RECORDED = [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
+     "", [("get_weather", {"city": "Paris", "unit": "celsius"})]),
+    ("hermes", 'I will look that up.\n<tool_call>\n{"name": "search", "arguments": {"q": "lms"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+     "I will look that up.", [("search", {"q": "lms"}), ("get_weather", {"city": "Oslo"})]),
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}',  # cut at max_tokens: no close
+     "", [("get_weather", {"city": "Paris"})]),
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [("get_weather", {"city": "Paris"})]),
+    ("llama3", '<|python_tag|>{"name": "search", "parameters": {"q": "x"}}', "", [("search", {"q": "x"})]),
+    ("llama3", '{"name": "search", "parameters": {"q": "a"}}; {"name": "search", "parameters": {"q": "b"}}', "",
+     [("search", {"q": "a"}), ("search", {"q": "b"})]),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', "",
+     [("get_weather", {"city": "Paris"})]),
+    ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]', "",  # control token not in the text
+     [("get_weather", {"city": "Paris"})]),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]search[ARGS]{"q": "x"}', "",
+     [("get_weather", {"city": "Paris"}), ("search", {"q": "x"})]),
+    ("generic", '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```', "",
+     [("get_weather", {"city": "Paris"})]),
+    ("generic", '{"tool_calls": [{"name": "search", "arguments": "{\\"q\\": \\"x\\"}"}]}', "",
+     [("search", {"q": "x"})]),
+    ("hermes", '{"name": "get_weather", "arguments": {"city": "Paris"}}', "",  # a grammar-forced call: plain JSON
+     [("get_weather", {"city": "Paris"})]),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text", "content", "calls"), RECORDED)
+def test_recorded_answers_become_calls(fmt: str, text: str, content: str, calls: list[tuple[str, dict]]) -> None:
+    got_content, got = tools.parse(text, fmt, NAMES)
+    assert got_content == content
+    assert [(c.name, json.loads(c.arguments)) for c in got] == calls
+    assert len({c.id for c in got}) == len(got) and all(c.id.startswith("call_") for c in got)
+
+
+MALFORMED = [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'),  # cut inside the JSON
+    ("hermes", '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'),  # a function not offered
+    ("hermes", '<tool_call>\n{"arguments": {"city": "Paris"}}\n</tool_call>'),  # no name
+    ("hermes", '<tool_call>\n{"name": "search", "arguments": [1, 2]}\n</tool_call>'),  # arguments not an object
+    ("llama3", '{"name": "search", "parameters": {"q": "a"}} and then some words'),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": '),
+    ("generic", '{"answer": 42}'),  # JSON, but no call
+    ("generic", "The weather in Paris is sunny."),
+    ("generic", "[]"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text"), MALFORMED)
+def test_malformed_answers_stay_text(fmt: str, text: str) -> None:
+    assert tools.parse(text, fmt, NAMES) == (text, [])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(tools.FAMILIES),
+       st.lists(st.sampled_from(list('{}[]":,; \n<>|_abc') + [
+           "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", '"name"', '"arguments"',
+           '"parameters"', '"search"', "```json", "```", '{"name": "search", "arguments": {}}']),
+           max_size=30).map("".join))
+def test_parsing_never_raises_and_calls_are_well_formed(fmt: str, text: str) -> None:
+    content, calls = tools.parse(text, fmt, NAMES)
+    assert isinstance(content, str)
+    for call in calls:
+        assert call.name in NAMES and isinstance(json.loads(call.arguments), dict)
+    if not calls:
+        assert content == text  # nothing lost
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([text for _fmt, text, _c, _calls in RECORDED] + [text for _fmt, text in MALFORMED] +
+                       ["Hello there, ``not code`` here", "`", "  {", "plain <tool", "a [TOOL_CALLS"]),
+       st.lists(st.integers(min_value=1, max_value=7), max_size=30), st.sampled_from(tools.FAMILIES))
+def test_a_stream_gives_the_same_answer_however_the_text_is_split(text: str, cuts: list[int], fmt: str) -> None:
+    """What a streamed client gets — the content sent on the way, the rest and the calls at the end — is what the
+    whole answer parses to, in any split into tokens."""
+    stream, sent, i = tools.ToolStream(), "", 0
+    for n in cuts:
+        sent += stream.feed(text[i : i + n])
+        i += n
+    sent += stream.feed(text[i:])
+    rest, calls = stream.finish(fmt, NAMES)
+    whole_content, whole_calls = tools.parse(text, fmt, NAMES)
+    if calls or whole_calls:
+        assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
+        assert (sent + " " + rest).split() == whole_content.split()  # the same words, spacing aside
+    else:
+        assert sent + rest == text
+
+
+def test_a_stream_sends_plain_text_as_it_comes() -> None:
+    stream = tools.ToolStream()
+    assert stream.feed("The weather ") == "The weather "
+    assert stream.feed("is fine <tool") == "is fine "  # the start of a tag is held
+    assert stream.feed("bar>") == "<toolbar>"  # ... until it is not one
+
+
+def test_a_template_without_tools_gets_the_preamble_and_the_history_as_json() -> None:
+    fn = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"}]
+    out, passed = tools.for_template("{{ messages }}", messages, [fn])
+    assert passed is None
+    assert out[0]["role"] == "system" and '"name": "get_weather"' in out[0]["content"]
+    assert json.loads(out[2]["content"]) == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert out[3] == {"role": "user", "content": "Result of get_weather: sunny"}
+    assert tools.for_template(QWEN25, messages, [fn]) == (messages, [fn])  # a template with tools renders them
+
+
+def test_the_forcing_schema_allows_exactly_a_call_of_an_offered_function() -> None:
+    fns = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                  "required": ["city"]}}, {"name": "search"}]
+    one = tools.call_schema(fns[:1], parallel=False)
+    assert one["properties"]["name"] == {"const": "get_weather"} and one["required"] == ["name", "arguments"]
+    assert [s["properties"]["name"]["const"] for s in tools.call_schema(fns, parallel=False)["anyOf"]] == \
+        ["get_weather", "search"]
+    many = tools.call_schema(fns, parallel=True)
+    assert many["type"] == "array" and many["minItems"] == 1
