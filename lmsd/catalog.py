@@ -288,12 +288,12 @@ class Catalog:
         whether the folder's files changed. The folder is read outside the lock (a hung mount holds only its caller);
         the lock is taken to swap the result in."""
         if paths is None:
-            files, dirs = walk(self._root, self._stopping)
+            files, dirs, complete = walk(self._root, self._stopping)
             with self._lock:
                 changed = files != self._files
                 self._files, self._dirs = files, dirs
                 self._forget_gone()
-                self._publish()
+                self._publish(prune=complete)
             return changed
         found = {path: self._stat(path) for path in paths}
         with self._lock:
@@ -378,9 +378,9 @@ class Catalog:
             del self._meta[gone]
             self._cache_dirty = True
 
-    def _publish(self) -> None:
+    def _publish(self, prune: bool = False) -> None:
         entries, pending = models(self._files, self._meta, self._keys)
-        keys = known_keys(entries, pending, self._keys)
+        keys = known_keys(entries, pending, self._keys, prune)
         if keys != self._keys:
             self._keys = keys
             self._cache_dirty = True
@@ -434,7 +434,8 @@ class Catalog:
         try:
             data = json.loads(self.cache_file.read_text())
             entries = data["entries"] if data.get("version") == _CACHE_VERSION else {}
-            keys = data.get("keys", {})
+            # Keys are paths in one models folder: a daemon started with another LMS_MODELS_DIR starts afresh.
+            keys = data.get("keys", {}) if data.get("root") == self._root else {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return
         if isinstance(entries, dict):
@@ -453,7 +454,7 @@ class Catalog:
             entries = dict(self._meta)  # a meta is never changed once made: a shallow copy is a snapshot
             keys = dict(self._keys)
             self._cache_dirty = False
-        text = json.dumps({"version": _CACHE_VERSION, "entries": entries, "keys": keys})
+        text = json.dumps({"version": _CACHE_VERSION, "entries": entries, "keys": keys, "root": self._root})
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")

@@ -137,23 +137,35 @@ def stat_file(path: str, rel: str) -> File | None:
 Folders = dict[str, tuple[int, int]]  # the folders a walk visited, by path: their (device, inode)
 
 
-def walk(root: str, stopping: Callable[[], bool]) -> tuple[dict[str, File], Folders]:
-    """Every *.gguf below root by path, and the folders walked. Links are followed (a user's LM Studio folder is
+def walk(root: str, stopping: Callable[[], bool]) -> tuple[dict[str, File], Folders, bool]:
+    """Every *.gguf below root by path, the folders walked, and whether the walk saw everything (the folder is there,
+    every folder in it could be read, no stop, no bound reached). Links are followed (a user's LM Studio folder is
     often links), but each real directory is visited once — a symlink loop cannot multiply the walk — and the walk
     is bounded in depth and in entries, so one odd folder can never hold the catalog (and the daemon) for long."""
     found: dict[str, File] = {}
     dirs: Folders = {}
     if not os.path.isdir(root):
-        return found, dirs
+        return found, dirs, False
     seen: set[tuple[int, int]] = set()
     entries = 0
-    for folder, subdirs, files in os.walk(root, followlinks=True):
+    complete = True
+
+    def unreadable(_exc: OSError) -> None:
+        nonlocal complete
+        complete = False
+
+    for folder, subdirs, files in os.walk(root, followlinks=True, onerror=unreadable):
         try:
             st = os.stat(folder)
         except OSError:
             subdirs[:] = []
+            complete = False
             continue
-        if (st.st_dev, st.st_ino) in seen or stopping():
+        if stopping():
+            subdirs[:] = []
+            complete = False
+            continue
+        if (st.st_dev, st.st_ino) in seen:
             subdirs[:] = []  # reached again through a link: already walked
             continue
         seen.add((st.st_dev, st.st_ino))
@@ -174,8 +186,8 @@ def walk(root: str, stopping: Callable[[], bool]) -> tuple[dict[str, File], Fold
                     found[path] = file
         if entries > MAX_ENTRIES:
             log.warning("the models folder %s has more than %d entries; listing stopped there", root, MAX_ENTRIES)
-            break
-    return found, dirs
+            return found, dirs, False
+    return found, dirs, complete
 
 
 def part_paths(path: str, limit: int) -> list[str]:
@@ -201,6 +213,8 @@ def _entry(path: str, file: File, meta: Meta | None) -> ModelEntry:
         return ModelEntry(key="", path=path, rel_path=file.rel, size_bytes=file.size,
                           quantization=quant_from_name(file.rel.rsplit("/", 1)[-1]))
     fields = {k: v for k, v in meta.items() if k != "stamp"}
+    if not fields.get("quantization"):  # a header that could not be read: the file name may still say it
+        fields["quantization"] = quant_from_name(file.rel.rsplit("/", 1)[-1])
     return ModelEntry(key="", path=path, rel_path=file.rel, size_bytes=file.size, **fields)  # type: ignore[arg-type]
 
 
@@ -260,25 +274,30 @@ def models(files: dict[str, File], meta: dict[str, Meta],
     return entries, pending
 
 
-def known_keys(entries: list[ModelEntry], pending: set[str], kept: dict[str, str]) -> dict[str, str]:
-    """The keys to keep from now on, by path: every model's whose header is read (before that, a key may still take
-    its `@quant` from the header), and those kept before."""
-    return {e.rel_path: e.key for e in entries if e.path not in pending or e.rel_path in kept}
+def known_keys(entries: list[ModelEntry], pending: set[str], kept: dict[str, str], prune: bool) -> dict[str, str]:
+    """The keys to keep from now on, by path: those kept before, and every model's whose header is read well (before
+    that, and while a file is half-written, a key may still take its `@quant` from the header). Keys of models not
+    in `entries` are dropped only when `prune` (the entries come from a complete walk of the folder): a walk that
+    missed files (a mount not ready, a stop halfway, a folder unreadable for a moment) must not cost them their
+    keys."""
+    now = {e.rel_path: e.key for e in entries if (e.path not in pending and not e.error) or e.rel_path in kept}
+    return now if prune else {**kept, **now}
 
 
 def _keep_keys(entries: list[ModelEntry], kept: dict[str, str]) -> None:
     """A model that had a key keeps it: a file arriving with the same name never renames the model scripts and
-    clients already use. The newcomer takes the first of its longer keys that is free: `publisher/repo/base`,
-    then `@quant`, then its path in the folder."""
+    clients already use, and neither takes the key of a model whose file is missing for a while (an unmounted
+    drive). The newcomer takes the first of its longer keys that is free: the one the rules give it, then
+    `publisher/repo/base`, then `@quant`, then its path in the folder."""
+    present = {e.rel_path for e in entries}
+    reserved = {k for rel, k in kept.items() if rel not in present}  # keys of models away for now
     held: dict[str, ModelEntry] = {}  # keys taken: kept keys may differ in case only (Model.gguf, model.gguf)
     for e in entries:
         old = kept.get(e.rel_path)
         if old and old not in held:
             e.key = old
             held[old] = e
-    if not held:
-        return
-    taken = {k.lower() for k in held}
+    taken = {k.lower() for k in [*held, *reserved]}
     for e in entries:
         if held.get(e.key) is e:
             continue
@@ -289,7 +308,7 @@ def _keep_keys(entries: list[ModelEntry], kept: dict[str, str]) -> None:
                    SHARD.sub("", e.rel_path[:-5]).lower(), e.rel_path.lower()]
         key = next((k for k in choices if k and k.lower() not in taken), e.rel_path)
         n = 1
-        while key in held:  # a kept key that is this path in another case: only a number is left
+        while key in held or key in reserved:  # a kept key that is this path in another case: a number is left
             n += 1
             key = f"{e.rel_path}~{n}"
         e.key = key

@@ -542,41 +542,87 @@ def test_a_model_keeps_its_key_when_a_file_of_the_same_name_arrives(
     assert keys(Catalog(models)) == ["bob/smol/smol", "local/smol/smol@q4_0", "local/smol/smol@q8_0"]
 
 
-def _read(rel: str) -> tuple[str, index_mod.File, index_mod.Meta]:
-    return f"/m/{rel}", index_mod.File(rel, 10, "1:10"), {"stamp": "1:10", "quantization": quant_from(rel)}
+def _state(rel: str, state: str) -> tuple[str, index_mod.File, index_mod.Meta | None]:
+    """A file as the index may see it: its header read ("read"), not read yet ("pending"), or unreadable ("error":
+    a file still being written)."""
+    meta: index_mod.Meta | None = {"stamp": "1:10", "quantization": index_mod.quant_from_name(rel.rsplit("/")[-1])}
+    if state == "error":
+        meta = {"stamp": "1:10", "error": "truncated"}
+    return f"/m/{rel}", index_mod.File(rel, 10, "1:10"), None if state == "pending" else meta
 
 
-def quant_from(rel: str) -> str:
-    return index_mod.quant_from_name(rel.rsplit("/", 1)[-1])
+NAMES = ["a/r/x.Q4_0.gguf", "a/r/x.Q8_0.gguf", "b/r/x.Q4_0.gguf", "x.gguf", "x.q4_0.gguf", "a/r/x.gguf", "A/r/x.gguf",
+         "x@q4_0.gguf", "a/r/x@q4_0.gguf", "x-00001-of-00001.gguf"]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(st.sampled_from(["a/r/x.Q4_0.gguf", "a/r/x.Q8_0.gguf", "b/r/x.Q4_0.gguf", "x.gguf",
-                                          "x.q4_0.gguf", "a/r/x.gguf", "A/r/x.gguf", "x@q4_0.gguf", "a/r/x@q4_0.gguf",
-                                          "x-00001-of-00001.gguf"]),
-                         max_size=6, unique=True), min_size=1, max_size=6))
-def test_keys_stay_stable_as_files_come_and_go(steps: list[list[str]]) -> None:
-    """Whatever files come and go, a model keeps the key it had while it stays, and no two models share a key."""
+@given(st.lists(st.tuples(st.dictionaries(st.sampled_from(NAMES), st.sampled_from(["read", "read", "pending", "error"]),
+                                          max_size=6), st.booleans()), min_size=1, max_size=6))
+def test_keys_stay_stable_as_files_come_and_go(steps: list[tuple[dict[str, str], bool]]) -> None:
+    """Whatever files come and go — read, not read yet, half-written — and whether a walk saw the whole folder: a
+    model keeps the key it had while it stays, a key is kept only once the header is read well, no two models
+    share a key, and a walk that missed files never costs a key."""
     kept: dict[str, str] = {}
-    for names in steps:
+    for files_now, complete in steps:
         files, meta = {}, {}
-        for rel in names:
-            path, file, m = _read(rel)
-            files[path], meta[path] = file, m
+        for rel, state in files_now.items():
+            path, file, m = _state(rel, state)
+            files[path] = file
+            if m is not None:
+                meta[path] = m
         entries, pending = index_mod.models(files, meta, kept)
         assert all(e.key for e in entries) and len({e.key for e in entries}) == len(entries)
         for e in entries:
             assert kept.get(e.rel_path, e.key) == e.key
         view = index_mod.View(entries)
         assert all(view.find(e.key) is e for e in entries)
-        kept = index_mod.known_keys(entries, pending, kept)
+        before = kept
+        kept = index_mod.known_keys(entries, pending, kept, prune=complete)
+        assert all(kept.get(e.rel_path) in (None, e.key) for e in entries)
+        assert all(rel not in kept for rel, state in files_now.items() if state != "read" and rel not in before)
+        if not complete:
+            assert all(kept[rel] == key for rel, key in before.items())  # nothing forgotten
+        assert len(set(kept.values())) == len(kept)  # a key kept for one model only
 
 
 def test_a_key_is_kept_only_once_the_header_is_read() -> None:
     """Before its header is read a model's key may still take its quantization from the header: it is not kept."""
     files = {f"/m/{rel}": index_mod.File(rel, 10, "1:10") for rel in ("p/r/m.gguf", "q/r/m.gguf")}
     entries, pending = index_mod.models(files, {})
-    assert index_mod.known_keys(entries, pending, {}) == {}
+    assert index_mod.known_keys(entries, pending, {}, prune=True) == {}
+
+
+def test_keys_survive_a_start_without_the_models_folder(tmp_path: Path) -> None:
+    """A drive or a network mount not there yet when the daemon starts (a systemd unit at login): the models'
+    keys come back with it, and a file of the same name that arrived meanwhile does not take them."""
+    models, cache = tmp_path / "models", tmp_path / "catalog.json"
+    small_gguf(models / "local" / "smol" / "Smol.Q8_0.gguf")
+    assert keys(Catalog(models, cache)) == ["smol"]
+    models.rename(tmp_path / "unmounted")
+    assert keys(Catalog(models, cache)) == []
+    (tmp_path / "unmounted").rename(models)
+    small_gguf(models / "bob" / "smol" / "Smol.Q8_0.gguf")
+    assert keys(Catalog(models, cache)) == ["bob/smol/smol", "smol"]
+    elsewhere = tmp_path / "other-models"  # another LMS_MODELS_DIR: keys start afresh there
+    small_gguf(elsewhere / "local" / "smol" / "Smol.Q8_0.gguf")
+    small_gguf(elsewhere / "bob" / "smol" / "Smol.Q8_0.gguf")
+    assert keys(Catalog(elsewhere, cache)) == ["bob/smol/smol", "local/smol/smol"]
+
+
+def test_a_half_written_file_does_not_fix_its_key_too_early(tmp_path: Path) -> None:
+    """`cp` into the folder: the first read sees a truncated header. The key waits for a good read, and then takes
+    the quantization the header gives."""
+    models = tmp_path / "models"
+    small_gguf(models / "pub" / "m-gguf" / "M-Q4_K_M.gguf")
+    cat = Catalog(models)
+    assert keys(cat) == ["m"]
+    whole = small_gguf(tmp_path / "M-Q8_0.gguf").read_bytes()
+    target = models / "pub" / "m-gguf" / "M-Q8_0.gguf"
+    target.write_bytes(whole[:40])
+    assert keys(cat) == ["m", "pub/m-gguf/m@q8_0"]  # from the name, while the header cannot be read
+    target.write_bytes(whole)
+    os.utime(target, ns=(1, 1))  # a new stamp, as the rest of the copy gives it
+    assert keys(cat) == ["m", "pub/m-gguf/m@q8_0"]
 
 
 @pytest.mark.parametrize("indexed", [False, True])
