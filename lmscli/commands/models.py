@@ -272,11 +272,12 @@ def get(
             stdout.print(str(dest), markup=False)
         return
     from lmscli.hub import fetch
-    from lmsd.catalog import base_key
     from lmsd.memory import format_bytes
 
     result = fetch(name, select=select and not yes, dry_run=dry_run, models_dir=models_dir())
-    result["model"] = base_key(Path(result["label"]).name)
+    # The name that loads this very file: its path in the models folder. Its key may be a longer one (another file
+    # of the same name was there first and keeps the short key).
+    result["model"] = f"{result['repo']}/{result['label'].removesuffix('.gguf')}"
     if as_json:
         print_json(result)
     elif dry_run:

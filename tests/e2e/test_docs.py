@@ -14,13 +14,15 @@ touches `~`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,8 @@ from tests.e2e.conftest import free_port
 from tests.fakehub import FakeHub, tiny_gguf
 
 OURS = {"lms", "lmsd", "curl"}
-STREAMING = ("lms log stream",)  # run until they print, or a few seconds, then Ctrl-C as a user would
+SHOWN = {"systemctl", "loginctl"}  # the system's tools: shown to the user, never run by a test
+STREAMING = ("lms log stream",)  # run until they print their first line, then Ctrl-C as a user would
 HEADING = re.compile(r"^#{2,3} ", re.MULTILINE)
 
 
@@ -51,6 +54,7 @@ class Step:
 
     @property
     def runs(self) -> bool:
+        assert self.program in OURS | SHOWN, f"{self.where}: `{self.program}` is neither ours nor a known system tool"
         return self.program in OURS and not re.search(r"#.*\bon a terminal\b", self.command)
 
     @property
@@ -97,14 +101,22 @@ def sections(text: str) -> list[tuple[str, str, int]]:
             for a, b in zip(starts, starts[1:], strict=False)]
 
 
+_COLOUR = ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "CLICOLOR_FORCE", "TERM")
+
+
 class Runner:
-    """Runs steps in one shell environment: the test's LMS_HOME and HOME, `lms` of this checkout first on PATH."""
+    """Runs steps in one shell environment: the test's LMS_HOME, HOME and XDG folders (install-service and
+    --install-completion write there), no colour settings from the caller, `lms` of this checkout first on PATH."""
 
     def __init__(self, home: Home, port: int, extra_env: dict[str, str] | None = None) -> None:
         self.port = port
-        self.env = {**home.env, **(extra_env or {}), "HOME": str(home.root / "user-home"), "USER": "lms-test",
+        user = home.root / "user-home"
+        env = {k: v for k, v in {**home.env, **(extra_env or {})}.items()
+               if not k.startswith("XDG_") and k not in _COLOUR}
+        self.env = {**env, "HOME": str(user), "USER": "lms-test", "XDG_CONFIG_HOME": str(user / ".config"),
+                    "XDG_DATA_HOME": str(user / ".local" / "share"), "XDG_CACHE_HOME": str(user / ".cache"),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        Path(self.env["HOME"]).mkdir(exist_ok=True)
+        user.mkdir(exist_ok=True)
 
     def local(self, text: str) -> str:
         return text.replace("localhost:1234", f"localhost:{self.port}").replace("--port 1234", f"--port {self.port}")
@@ -113,29 +125,49 @@ class Runner:
         """Runs the step and checks it; returns what it printed."""
         command = self.local(step.command)
         if step.program == "curl":  # the status too, so that an error page cannot pass for an answer
-            command += " -sS -w '\\nHTTP %{http_code}\\n'"
-        if any(step.command.startswith(s) for s in STREAMING):
+            assert shutil.which("curl"), "the HTTP examples are curl commands: install curl to run them"
+            command = re.sub(r"\bcurl ", "curl -sS -w '\\nHTTP %{http_code}\\n' ", command, count=1)
+        streaming = any(step.command.startswith(s) for s in STREAMING)
+        if streaming:
             out, code = self._interrupted(command)
+            stdout = ""
         else:
-            proc = subprocess.run(["bash", "-c", command], env=self.env, capture_output=True, text=True,
-                                  timeout=180, stdin=subprocess.DEVNULL)
-            out, code = proc.stdout + proc.stderr, proc.returncode
+            # `exit $?` after the command keeps bash from exec'ing it: bash stays its parent, as in a user's shell
+            # (shell completion looks at its parent to tell which shell to install for).
+            proc = subprocess.run(["bash", "-c", f"{command}\nexit $?"], env=self.env, capture_output=True,
+                                  text=True, timeout=180, stdin=subprocess.DEVNULL)
+            out, code, stdout = proc.stdout + proc.stderr, proc.returncode, proc.stdout
         context = f"{step.where}: `{step.command}` printed:\n{out}"
         assert code == step.exit_code, f"exit {code}, the doc says {step.exit_code} — {context}"
         assert "Traceback" not in out, context
         if step.program == "curl":
             status = int(out.rsplit("HTTP ", 1)[1])
             assert 200 <= status < 300, f"HTTP {status} — {context}"
+        elif "--json" in shlex.split(step.command, comments=True) and code == 0 and not streaming:
+            try:
+                json.loads(stdout)  # what scripts read is JSON
+            except ValueError as exc:
+                raise AssertionError(f"not JSON on stdout ({exc}) — {context}") from None
         check_output(step, out, context)
         return out
 
     def _interrupted(self, command: str) -> tuple[str, int]:
+        """Runs a command that follows something until Ctrl-C: once it has said it is following (its first line)
+        it gets SIGINT as from a terminal. It must still be following then."""
         proc = subprocess.Popen(["bash", "-c", f"exec {command}"], env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-        time.sleep(2.0)  # long enough to connect and follow; what follows is live and may be nothing
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-        return out, 0 if proc.returncode in (0, 130, -signal.SIGINT) else proc.returncode
+        assert proc.stdout is not None
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            first = proc.stdout.readline() if ready else ""
+            assert proc.poll() is None, f"`{command}` ended by itself: {first}{proc.stdout.read()}"
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return first + out, 0 if proc.returncode in (0, 130, -signal.SIGINT) else proc.returncode
 
     def python(self, where: str, code: str) -> None:
         proc = subprocess.run([sys.executable, "-c", self.local(code)], env=self.env, capture_output=True, text=True,
@@ -143,17 +175,31 @@ class Runner:
         assert proc.returncode == 0, f"{where}: the Python example failed:\n{proc.stdout}{proc.stderr}"
 
 
+def _shape(line: str) -> list[str]:
+    """A line's words with what differs between runs made alike: a run of words with digits (sizes, times, pids,
+    versions, TTLs: `9m 59s`) is `#`, a path is `/…`."""
+    words: list[str] = []
+    for word in line.split():
+        path = word.lstrip("('\"`").startswith(("/", "~/"))
+        shaped = "/…" if path else "#" if any(c.isdigit() for c in word) else word
+        if not (shaped == "#" and words and words[-1] == "#"):
+            words.append(shaped)
+    return words
+
+
 def check_output(step: Step, out: str, context: str) -> None:
-    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    """Each line the doc shows is one the program printed: word for word, but for numbers and paths; a line the doc
+    ends with `…` only as far as it goes."""
+    lines = [_shape(line) for line in out.splitlines() if line.strip()]
     for shown in step.output:
-        shown = shown.split("  #", 1)[0].strip() if "  #" in shown else shown.strip()
-        words = shown.split()
-        if not words or shown.startswith("…"):
+        words = _shape(shown.split("  #", 1)[0])
+        if not words:
             continue
-        if len(words) > 1 and all(w.isupper() for w in words):  # a table's header: exactly the program's
-            assert any(line.split() == words for line in lines), f"the doc's header `{shown}` differs — {context}"
+        if words[-1] == "…":
+            prefix = words[:-1]
+            assert any(line[: len(prefix)] == prefix for line in lines), f"the doc shows `{shown}` — {context}"
         else:
-            assert any(line.split()[0] == words[0] for line in lines), f"the doc shows `{shown}` — {context}"
+            assert words in lines, f"the doc shows `{shown}` — {context}"
 
 
 # ---------------------------------------------------------------- the tests

@@ -50,12 +50,13 @@ def test_a_repo_gives_its_q4_k_m_and_a_named_quantization_gives_that(lms: Lms, e
     result = json.loads(out.stdout)
     dest = home.models / "someone" / "Tiny-GGUF" / "Tiny-Q4_K_M.gguf"
     assert result["quantization"] == "Q4_K_M" and result["files"][0]["path"] == str(dest)
-    assert result["model"] == "tiny"
+    assert result["model"] == "someone/Tiny-GGUF/Tiny-Q4_K_M"  # the name that loads this file, whatever the keys
     assert dest.read_bytes() == files["Tiny-Q4_K_M.gguf"]
 
     out = get(lms, env, "someone/Tiny-GGUF@q8_0")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str(dest.with_name("Tiny-Q8_0.gguf")) and "lms load" in out.stderr
+    assert out.stdout.strip() == str(dest.with_name("Tiny-Q8_0.gguf"))
+    assert "lms load someone/Tiny-GGUF/Tiny-Q8_0`" in out.stderr
     assert sorted(p.name for p in dest.parent.iterdir()) == ["Tiny-Q4_K_M.gguf", "Tiny-Q8_0.gguf"]
     assert not (home.models / ".lms-downloads").exists()  # nothing left behind
 
