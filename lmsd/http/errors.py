@@ -37,9 +37,29 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "code": code}}
 
 
-def error_response(exc: HttpError) -> JSONResponse:
-    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status,
-                        headers=exc.headers)
+_ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_error(exc: HttpError) -> dict[str, Any]:
+    """The error in Anthropic's shape, for /v1/messages (the `anthropic` SDK reads `error.type`)."""
+    kind = _ANTHROPIC_TYPE.get(exc.status, "api_error" if exc.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+def speaks_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def shaped(exc: HttpError, path: str) -> dict[str, Any]:
+    """The error body in the shape the endpoint's clients read: Anthropic's on /v1/messages, else OpenAI's."""
+    if speaks_anthropic(path):
+        return anthropic_error(exc)
+    return error_body(exc.status, exc.message, exc.param, exc.code)
+
+
+def error_response(exc: HttpError, path: str = "") -> JSONResponse:
+    return JSONResponse(shaped(exc, path), status_code=exc.status, headers=exc.headers)
 
 
 def from_lms_error(exc: LmsError) -> HttpError:

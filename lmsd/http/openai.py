@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from lmsd import tools
+from lmsd.http import answers
 from lmsd.http.errors import HttpError, error_body
 from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
 from lmsd.http.parsing import parse_body
@@ -41,15 +42,14 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
     base = {"id": rid, "created": created, "model": gen.identifier, "system_fingerprint": gen.identifier}
     names = {f.name for f in body.functions}
     if not body.stream:
-        text = await inference.collect(request, gen)
-        content, calls = tools.parse(text, gen.done.get("tool_format", "generic"), names) if names else (text, [])
+        content, calls = await answers.collect(request, inference, gen, names)
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
         if calls:
             message["tool_calls"] = [c.openai() for c in calls]
         return JSONResponse({
             **base, "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "tool_calls" if calls else gen.done.get("finish_reason", "stop")}],
+                         "finish_reason": answers.finish_reason(gen, bool(calls))}],
             "usage": gen.usage(), **extra(gen),
         })
 
@@ -60,26 +60,21 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
             return sse({**chunk, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]})
 
         yield delta({"role": "assistant", "content": ""})
-        stream = tools.ToolStream() if names else None
-        async for text in inference.tokens(gen):
-            if isinstance(text, HttpError):
-                yield sse(error_body(text.status, text.message, text.param, text.code))
+        calls = 0
+        async for piece in answers.stream(inference, gen, names):
+            if isinstance(piece, HttpError):
+                yield sse(error_body(piece.status, piece.message, piece.param, piece.code))
                 return
-            text = stream.feed(text) if stream is not None else text
-            if text:
-                yield delta({"content": text})
-        calls: list[tools.ToolCall] = []
-        if stream is not None:
-            rest, calls = stream.finish(gen.done.get("tool_format", "generic"), names)
-            if rest:
-                yield delta({"content": rest})
-            for i, call in enumerate(calls):  # the name first, then the arguments in pieces, as OpenAI streams them
-                yield delta({"tool_calls": [{**call.openai(i), "function": {"name": call.name, "arguments": ""}}]})
-                for piece in tools.pieces(call.arguments):
-                    yield delta({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
-        finish = "tool_calls" if calls else gen.done.get("finish_reason", "stop")
-        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}],
-                   **extra(gen)})
+            if isinstance(piece, str):
+                yield delta({"content": piece})
+                continue
+            # A call: its name first, then its arguments in pieces, as OpenAI streams them.
+            yield delta({"tool_calls": [{**piece.openai(calls), "function": {"name": piece.name, "arguments": ""}}]})
+            for part in tools.pieces(piece.arguments):
+                yield delta({"tool_calls": [{"index": calls, "function": {"arguments": part}}]})
+            calls += 1
+        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                         "finish_reason": answers.finish_reason(gen, calls > 0)}], **extra(gen)})
         if body.include_usage:
             yield sse({**chunk, "choices": [], "usage": gen.usage()})
         yield sse("[DONE]")

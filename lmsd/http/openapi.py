@@ -15,6 +15,9 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from lmsd.http.anthropic import MessagesRequest
+from lmsd.http.errors import speaks_anthropic
+from lmsd.http.responses import ResponsesRequest
 from lmsd.http.rest_v1 import LoadRequest, UnloadRequest
 from lmsd.http.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 
@@ -27,8 +30,11 @@ BODIES: dict[str, type[BaseModel]] = {
     "/api/v0/embeddings": EmbeddingRequest,
     "/api/v1/models/load": LoadRequest,
     "/api/v1/models/unload": UnloadRequest,
+    "/v1/responses": ResponsesRequest,
+    "/v1/messages": MessagesRequest,
 }
-STREAMING = {"/v1/chat/completions", "/v1/completions", "/api/v0/chat/completions", "/api/v0/completions"}
+STREAMING = {"/v1/chat/completions", "/v1/completions", "/api/v0/chat/completions", "/api/v0/completions",
+             "/v1/responses", "/v1/messages"}
 
 ERROR = {
     "type": "object",
@@ -38,6 +44,15 @@ ERROR = {
         "required": ["message", "type", "param", "code"],
         "properties": {"message": {"type": "string", "minLength": 1}, "type": {"type": "string"},
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+ANTHROPIC_ERROR = {  # /v1/messages answers errors as Anthropic's API does
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object",
+        "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string", "minLength": 1}},
     }},
 }
 _ERRORS = {
@@ -72,7 +87,7 @@ def build(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(defs["$defs"])
     components["Error"] = ERROR
-    error_ref = {"$ref": "#/components/schemas/Error"}
+    components["AnthropicError"] = ANTHROPIC_ERROR
     retry_after = {"Retry-After": {"description": "seconds to wait before trying again",
                                    "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
     for path, operations in schema.get("paths", {}).items():
@@ -86,6 +101,7 @@ def build(app: FastAPI) -> dict[str, Any]:
                 content["text/event-stream"] = {"schema": {  # each server-sent event
                     "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}
             op["responses"] = {"200": {"description": "OK", "content": content}}
+            error_ref = {"$ref": "#/components/schemas/" + ("AnthropicError" if speaks_anthropic(path) else "Error")}
             for status, why in _ERRORS.items():
                 response: dict[str, Any] = {"description": why, "content": {"application/json": {"schema": error_ref}}}
                 if status in ("429", "503"):

@@ -33,6 +33,11 @@ def _no_constant(name: str) -> float:
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
+    return validate(model, await read_json(request))
+
+
+async def read_json(request: Request) -> dict[str, object]:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
     raw = await request.body()
     try:
         text = raw.decode("utf-8")  # strict: JSON over HTTP is UTF-8, and raw surrogate bytes are not text
@@ -46,6 +51,11 @@ async def parse_body(request: Request, model: type[M]) -> M:
     if _SURROGATE.search(text) and _has_lone_surrogate(data):  # an escaped surrogate: text if half of a pair
         raise HttpError(400, "the request body contains a lone UTF-16 surrogate escape (such as \\ud800), which "
                              "is not text", code="invalid_json")
+    return data
+
+
+def validate(model: type[M], data: object) -> M:
+    """`data` as `model`, or a 400 that names the first offending field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:

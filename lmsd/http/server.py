@@ -28,8 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmsd.catalog import Catalog, ModelEntry
 from lmsd.config import Settings
 from lmsd.errors import FailedPrecondition, LmsError
-from lmsd.http import lmstudio, openai, openapi, rest_v1
-from lmsd.http.errors import HttpError, error_body, error_response, from_lms_error
+from lmsd.http import anthropic, lmstudio, openai, openapi, responses, rest_v1
+from lmsd.http.errors import HttpError, error_response, from_lms_error, shaped
 from lmsd.http.inference import ClientGone, Inference
 from lmsd.instance import Instance, SchedulerEvent
 from lmsd.scheduler import Scheduler
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a larger request body gets 413; prompts and embedding batches fit easily
+INFERENCE = ("completions", "embeddings", "/v1/responses", "/v1/messages")  # paths whose refusals are reported
 
 
 
@@ -61,22 +62,25 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = str(scope.get("path", ""))
         refusal = self._foreign(headers)
         if refusal:
-            await _send_json(send, 403, error_body(403, refusal, code="forbidden"), {})
+            await _send_json(send, 403, shaped(HttpError(403, refusal, code="forbidden"), path), {})
             return
         key = self.api_key()
         if key is not None and scope.get("method") != "OPTIONS":
             given = headers.get("authorization", "")
-            token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+            # Bearer, as OpenAI's clients send it; x-api-key, as Anthropic's do.
+            token = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "").strip()
             if not hmac.compare_digest(token.encode(), key.encode()):
-                why = "wrong API key" if token else "missing API key: send 'Authorization: Bearer <key>'"
-                await _send_json(send, 401, error_body(401, why, code="invalid_api_key"),
+                why = ("wrong API key" if token else
+                       "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
+                await _send_json(send, 401, shaped(HttpError(401, why, code="invalid_api_key"), path),
                                  {"WWW-Authenticate": "Bearer"})
                 return
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
-            await _drain_and_refuse(receive, send, self.limit)
+            await _drain_and_refuse(receive, send, self.limit, path)
             return
         seen = 0
 
@@ -129,7 +133,7 @@ def _too_large(limit: int) -> str:
     return f"the request body is larger than the limit of {limit // (1024 * 1024)} MB"
 
 
-async def _drain_and_refuse(receive: Receive, send: Send, limit: int) -> None:
+async def _drain_and_refuse(receive: Receive, send: Send, limit: int, path: str) -> None:
     """Reads (and drops) the body before answering 413: closing a socket with unread data makes the kernel
     reset the connection, and the client would never see the answer. Beyond 8x the limit, just hang up."""
     drained = 0
@@ -140,7 +144,8 @@ async def _drain_and_refuse(receive: Receive, send: Send, limit: int) -> None:
         drained += len(message.get("body", b""))
         if not message.get("more_body"):
             break
-    await _send_json(send, 413, error_body(413, _too_large(limit), code="request_too_large"), {"Connection": "close"})
+    await _send_json(send, 413, shaped(HttpError(413, _too_large(limit), code="request_too_large"), path),
+                     {"Connection": "close"})
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
@@ -197,16 +202,18 @@ def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Se
     app.include_router(openai.router(inference, v1_models))
     app.include_router(rest_v1.router(scheduler, lambda: _models(scheduler, catalog)))
     app.include_router(lmstudio.router(inference, v0_models, memory))
+    app.include_router(responses.router(inference))
+    app.include_router(anthropic.router(inference))
     openapi.install(app)
 
     def refused(request: Request, exc: HttpError) -> Response:
         """Answers a refused request, and reports it (lms log stream, metrics) unless inference already did: a
         client whose requests all fail validation must be visible to whoever watches."""
         path = request.url.path
-        if not exc.recorded and request.method == "POST" and path.endswith(("completions", "embeddings")):
+        if not exc.recorded and request.method == "POST" and path.endswith(INFERENCE):
             scheduler.emit(SchedulerEvent("request", "", "", fields={
                 "endpoint": path, "status": f"error: {exc.message[:200]}", "http_status": str(exc.status)}))
-        return error_response(exc)
+        return error_response(exc, path)
 
     @app.exception_handler(HttpError)
     async def _http_error(r: Request, exc: HttpError) -> Response:
@@ -221,18 +228,18 @@ def create_app(scheduler: Scheduler, catalog: Catalog, settings: Callable[[], Se
         return Response(status_code=499)  # nobody reads it: the client has left
 
     @app.exception_handler(StarletteHTTPException)
-    async def _starlette(_r: Request, exc: StarletteHTTPException) -> Response:
+    async def _starlette(r: Request, exc: StarletteHTTPException) -> Response:
         msg = "no such endpoint; see /v1/models" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code, headers=exc.headers)
+        return error_response(HttpError(exc.status_code, msg, headers=dict(exc.headers or {}) or None), r.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_r: Request, exc: RequestValidationError) -> Response:
-        return JSONResponse(error_body(400, str(exc)), status_code=400)
+    async def _validation(r: Request, exc: RequestValidationError) -> Response:
+        return error_response(HttpError(400, str(exc)), r.url.path)
 
     @app.exception_handler(Exception)
-    async def _internal(_r: Request, exc: Exception) -> Response:
+    async def _internal(r: Request, exc: Exception) -> Response:
         log.exception("internal error answering a request")
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
+        return error_response(HttpError(500, f"internal error: {type(exc).__name__}: {exc}"), r.url.path)
 
     guarded: ASGIApp = _Guard(app, api_key, MAX_BODY_BYTES, cors=cors, loopback=_is_loopback(bind))
     if cors:

@@ -440,7 +440,8 @@ class BatchEngine:
                    "completion_tokens": seq.generated, "prompt_cached_tokens": max(seq.reused, 0),
                    "time_to_first_token": round((seq.first_at or now) - seq.received, 6),
                    "generation_time": round(now - seq.received, 6),
-                   **({"tool_format": seq.tool_format} if seq.tool_format else {})})
+                   **({"tool_format": seq.tool_format} if seq.tool_format else {}),
+                   **({"stop_sequence": seq.text.hit} if seq.text.hit else {})})
 
     def _fail(self, seqs: list[Sequence], message: str) -> None:
         for seq in seqs:

@@ -19,6 +19,7 @@ class TextStream:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded text not yet given out: it may be the start of a stop string
         self.stopped = False  # a stop string was found; everything after it is dropped
+        self.hit = ""  # ... which one
 
     def feed(self, data: bytes) -> str:
         """The text that can be given out now that `data` has arrived ("" while it is held back)."""
@@ -33,7 +34,7 @@ class TextStream:
         # A stop string that begins before `cut` but is not complete yet may still turn out to be the first one.
         start = self._partial(held)
         if 0 <= cut <= start:
-            self.stopped = True
+            self._stop_at(held, cut)
             self._held = ""
             return held[:cut]
         self._held = held[start:]
@@ -47,9 +48,13 @@ class TextStream:
         self._held = ""
         cut = _first_stop(rest, self.stops)
         if cut >= 0:  # held back for a longer stop string that never came, or completed by a U+FFFD
-            self.stopped = True
+            self._stop_at(rest, cut)
             return rest[:cut]
         return rest
+
+    def _stop_at(self, text: str, cut: int) -> None:
+        self.stopped = True
+        self.hit = next(s for s in self.stops if text.find(s) == cut)
 
     def _partial(self, text: str) -> int:
         """Where the longest tail of `text` that begins a stop string (without completing it) starts; len(text)

@@ -37,7 +37,7 @@ MODELS = ["alpha", "beta"]
 
 
 def narrow_models(schema: dict[str, Any]) -> dict[str, Any]:
-    for name in ("ChatRequest", "CompletionRequest", "EmbeddingRequest"):
+    for name in ("ChatRequest", "CompletionRequest", "EmbeddingRequest", "ResponsesRequest", "MessagesRequest"):
         schema["components"]["schemas"][name]["properties"]["model"] = {"type": "string", "enum": MODELS}
     for param in schema["paths"]["/api/v0/models/{model}"]["get"]["parameters"]:
         param["schema"] = {"type": "string", "enum": MODELS}
@@ -64,8 +64,9 @@ def test_schemathesis_finds_no_server_error_no_hang_and_only_openai_shaped_error
     assert httpx.get(server.url + "/openapi.json").status_code == 401  # the description is behind the key too
     schema = httpx.get(server.url + "/openapi.json", headers=auth).json()
     posted = {path for path, ops in schema["paths"].items() if "post" in ops}
-    # completions, chat completions and embeddings on /v1 and /api/v0, and REST v1's load and unload
-    assert all("requestBody" in schema["paths"][p]["post"] for p in posted) and len(posted) == 8
+    # completions, chat completions and embeddings on /v1 and /api/v0, REST v1's load and unload, Responses and
+    # Messages
+    assert all("requestBody" in schema["paths"][p]["post"] for p in posted) and len(posted) == 10
     spec = tmp_path / "openapi.json"
     spec.write_text(json.dumps(narrow_models(schema)))
     report = tmp_path / "report.json"

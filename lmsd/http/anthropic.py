@@ -1,0 +1,215 @@
+"""Anthropic's Messages API, `POST /v1/messages`, on top of the chat path (the same template, tools, JIT, TTL), for
+clients built on the `anthropic` SDK.
+
+`system` (a string or text blocks) and `messages` (text, `tool_use` and `tool_result` blocks) become chat
+messages; `tools` (`name`, `description`, `input_schema`), `tool_choice` (`auto`, `any`, `tool`, `none`),
+`max_tokens`, `stop_sequences`, `temperature`, `top_p` and `top_k` map to their chat equivalents. The answer is
+`content` blocks (`text`, then one `tool_use` per call) with `stop_reason` (`end_turn`, `max_tokens`,
+`stop_sequence`, `tool_use`), streamed as Anthropic's events. Errors have Anthropic's shape
+(`{"type": "error", "error": {"type", "message"}}`, lmsd/http/errors.py); the API key is also taken from
+`x-api-key`. Images and documents are refused with a 400 that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from lmsd import tools
+from lmsd.http import answers
+from lmsd.http.errors import HttpError, anthropic_error
+from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
+from lmsd.http.parsing import read_json, validate
+from lmsd.http.schemas import MAX_MODEL_NAME, MAX_TOOLS, MAX_TTL, ChatRequest, Number
+
+
+class MessagesRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
+    ttl: StrictInt | None = Field(default=None, ge=1, le=MAX_TTL)
+    max_tokens: StrictInt = Field(ge=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: dict[str, Any] | None = None
+    stop_sequences: list[str] | None = Field(default=None, max_length=16)
+    temperature: Number | None = Field(default=None, ge=0, le=1)
+    top_p: Number | None = Field(default=None, ge=0, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    stream: StrictBool = False
+
+
+def _refuse(message: str, param: str) -> HttpError:
+    return HttpError(400, message, param=param, code="invalid_request_error")
+
+
+def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _refuse("content must be a string or a list of content blocks", param)
+    for n, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in ("text", "tool_use", "tool_result"):
+            raise _refuse(f"content blocks of type '{kind}' are not supported; send text, tool_use and tool_result "
+                          "(this server runs text models)", f"{param}.{n}.type")
+    return content
+
+
+def _result_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return "" if content is None else json.dumps(content)
+
+
+def to_messages(body: MessagesRequest) -> list[dict[str, Any]]:
+    """The conversation in OpenAI's chat shape: tool_use blocks become an assistant's tool_calls, tool_result blocks
+    `tool` messages (before the user's own text of that turn)."""
+    out: list[dict[str, Any]] = []
+    if body.system:
+        system = body.system if isinstance(body.system, str) else _result_text(body.system)
+        out.append({"role": "system", "content": system})
+    for n, message in enumerate(body.messages):
+        role = message.get("role")
+        if role not in ("user", "assistant"):
+            raise _refuse(f"unknown role '{role}'; use user or assistant", f"messages.{n}.role")
+        blocks = _blocks(message.get("content", ""), f"messages.{n}.content")
+        text = "".join(b.get("text", "") for b in blocks if b["type"] == "text")
+        if role == "assistant":
+            calls = [{"id": str(b.get("id") or f"toolu_{n}_{i}"), "type": "function",
+                      "function": {"name": str(b.get("name", "")), "arguments": json.dumps(b.get("input") or {})}}
+                     for i, b in enumerate(blocks) if b["type"] == "tool_use"]
+            out.append({"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})})
+            continue
+        for b in blocks:
+            if b["type"] == "tool_result":
+                result = _result_text(b.get("content"))
+                out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")),
+                            "content": f"Error: {result}" if b.get("is_error") else result})
+        if text or not any(b["type"] == "tool_result" for b in blocks):
+            out.append({"role": "user", "content": text})
+    return out
+
+
+def _tools(body: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    out = []
+    for n, tool in enumerate(body.tools or []):
+        if tool.get("type") not in (None, "custom") or "name" not in tool:
+            raise _refuse(f"tools of type '{tool.get('type')}' are not supported: this server has no server tools "
+                          "(web search, code execution ...); send tools with name and input_schema", f"tools.{n}")
+        out.append({"type": "function", "function": {"name": tool["name"], "description": tool.get("description"),
+                                                     "parameters": tool.get("input_schema")}})
+    choice: Any = None
+    kind = (body.tool_choice or {}).get("type")
+    if kind == "any":
+        choice = "required"
+    elif kind == "tool":
+        choice = {"type": "function", "function": {"name": str(body.tool_choice.get("name", ""))}}  # type: ignore[union-attr]
+    elif kind in ("auto", "none"):
+        choice = kind
+    elif kind is not None:
+        raise _refuse(f"tool_choice of type '{kind}' is not supported", "tool_choice.type")
+    parallel = not (body.tool_choice or {}).get("disable_parallel_tool_use", False) if choice == "required" else None
+    return out or None, (choice, parallel)
+
+
+def to_chat(body: MessagesRequest) -> ChatRequest:
+    tool_list, (choice, parallel) = _tools(body)
+    chat: dict[str, Any] = {"model": body.model, "messages": to_messages(body), "ttl": body.ttl,
+                            "max_tokens": body.max_tokens, "stop": body.stop_sequences,
+                            "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                            "tools": tool_list, "tool_choice": choice, "parallel_tool_calls": parallel}
+    return validate(ChatRequest, {k: v for k, v in chat.items() if v is not None})
+
+
+def _stop(gen: Generation, calls: bool, text: str, stops: list[str]) -> tuple[str, str | None]:
+    """stop_reason and stop_sequence."""
+    if calls:
+        return "tool_use", None
+    if gen.done.get("finish_reason") == "length":
+        return "max_tokens", None
+    hit = gen.done.get("stop_sequence")
+    return ("stop_sequence", str(hit)) if hit and hit in stops else ("end_turn", None)
+
+
+def _usage(gen: Generation) -> dict[str, Any]:
+    u = gen.usage()
+    return {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
+            "cache_read_input_tokens": u["prompt_tokens_details"]["cached_tokens"], "cache_creation_input_tokens": 0}
+
+
+def _tool_use(call: tools.ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": f"toolu_{call.id.removeprefix('call_')}", "name": call.name,
+            "input": json.loads(call.arguments)}
+
+
+def router(inference: Inference) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        body = validate(MessagesRequest, await read_json(request))
+        chat = to_chat(body)
+        gen = await inference.start(request, chat, "chat", "/v1/messages")
+        names = {f.name for f in chat.functions}
+        stops = body.stop_sequences or []
+        shell = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+                 "model": gen.identifier}
+        if not body.stream:
+            text, calls = await answers.collect(request, inference, gen, names)
+            reason, sequence = _stop(gen, bool(calls), text, stops)
+            content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
+            return JSONResponse({**shell, "content": content, "stop_reason": reason, "stop_sequence": sequence,
+                                 "usage": _usage(gen)})
+
+        async def events() -> AsyncIterator[str]:
+            def event(kind: str, **data: Any) -> str:
+                return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+            first = int(gen.usage()["prompt_tokens"]) if gen.done else 0
+            yield event("message_start", message={**shell, "content": [], "stop_reason": None, "stop_sequence": None,
+                                                  "usage": {"input_tokens": first, "output_tokens": 0}})
+            yield event("ping")
+            index, text_open, text, calls = 0, False, "", 0
+            async for piece in answers.stream(inference, gen, names):
+                if isinstance(piece, HttpError):
+                    yield event("error", error=anthropic_error(piece)["error"])
+                    return
+                if isinstance(piece, str):
+                    if not text_open:
+                        text_open = True
+                        yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+                    text += piece
+                    yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": piece})
+                    continue
+                if text_open:
+                    text_open = False
+                    yield event("content_block_stop", index=index)
+                    index += 1
+                block = _tool_use(piece)
+                yield event("content_block_start", index=index, content_block={**block, "input": {}})
+                for part in tools.pieces(piece.arguments):
+                    yield event("content_block_delta", index=index,
+                                delta={"type": "input_json_delta", "partial_json": part})
+                yield event("content_block_stop", index=index)
+                index += 1
+                calls += 1
+            if text_open:
+                yield event("content_block_stop", index=index)
+            reason, sequence = _stop(gen, calls > 0, text, stops)
+            yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                        usage={"output_tokens": gen.usage()["completion_tokens"]})
+            yield event("message_stop")
+
+        return CleanupStreamingResponse(events(), cleanup=lambda: inference.finish(gen))
+
+    return r

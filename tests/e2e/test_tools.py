@@ -1,0 +1,195 @@
+"""Tool calling as agents use it: the official `openai` SDK against the real daemon, on SmolLM2 (whose template
+has no tool support: the generic preamble) and on the generated tiny model (random weights), with
+`tool_choice: "required"` or a named function so that the grammar makes the answer a call whatever the model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import SMOLLM2_KEY
+from tests.e2e.conftest import Server
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Rome"]},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+SEARCH = {"type": "function", "function": {
+    "name": "search", "description": "Search the web.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": 40}},
+                   "required": ["query"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+def test_a_required_call_then_the_answer_from_its_result(server: Server) -> None:
+    """The two-turn loop an agent runs: the model calls, the client runs the function and sends the result back,
+    the model answers in words."""
+    client: Any = server.openai()
+    first = client.chat.completions.create(model=SMOLLM2_KEY, messages=ASK, tools=[WEATHER, SEARCH],
+                                           tool_choice="required", temperature=0, max_tokens=80)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in ("get_weather", "search")
+    arguments = json.loads(call.function.arguments)
+    assert isinstance(arguments, dict) and set(arguments) >= ({"city"} if call.function.name == "get_weather"
+                                                             else {"query"})
+    history = [*ASK, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "clear"})}]
+    second = client.chat.completions.create(model=SMOLLM2_KEY, messages=history, tools=[WEATHER, SEARCH],
+                                            tool_choice="none", temperature=0, max_tokens=40)
+    assert second.choices[0].message.tool_calls is None
+    assert second.choices[0].message.content and second.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_named_function_streams_as_delta_tool_calls(server: Server) -> None:
+    client: Any = server.openai()
+    stream = client.chat.completions.create(
+        model=SMOLLM2_KEY, messages=ASK, tools=[WEATHER, SEARCH], stream=True, temperature=0, max_tokens=80,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        stream_options={"include_usage": True})
+    calls: dict[int, dict[str, str]] = {}
+    finish, usage, content = None, None, ""
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            for d in choice.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += d.id or ""
+                call["name"] += (d.function.name or "") if d.function else ""
+                call["arguments"] += (d.function.arguments or "") if d.function else ""
+    assert finish == "tool_calls" and content == ""
+    assert list(calls) == [0] and calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert json.loads(calls[0]["arguments"])["city"] in ("Paris", "Oslo", "Rome")
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_the_tiny_model_forced_to_call_returns_a_call_that_validates(server: Server) -> None:
+    """Random weights: only the grammar stands between its output and a call. Parallel calls: a list."""
+    client: Any = server.openai()
+    reply = client.chat.completions.create(model="alpha", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           parallel_tool_calls=True, temperature=0, seed=7, max_tokens=300)
+    calls = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and 1 <= len(calls) <= 8
+    for call in calls:
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and args["city"] in ("Paris", "Oslo", "Rome")
+        assert set(args) <= {"city", "unit"}
+
+
+def test_tools_offered_but_not_called_is_plain_content_never_an_error(server: Server) -> None:
+    """tool_choice auto on a model that writes noise: whatever it writes is content (200), not a 500."""
+    with server.client() as http:
+        r = http.post("/v1/chat/completions", json={"model": "alpha", "messages": ASK, "tools": [WEATHER],
+                                                    "temperature": 0, "max_tokens": 12})
+        assert r.status_code == 200, r.text
+        message = r.json()["choices"][0]["message"]
+        assert isinstance(message["content"], str) and "tool_calls" not in message
+        v0 = http.post("/api/v0/chat/completions", json={"model": SMOLLM2_KEY, "messages": ASK, "tools": [WEATHER],
+                                                         "tool_choice": "required", "max_tokens": 60})
+        assert v0.status_code == 200, v0.text
+        assert v0.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_bad_tool_requests_are_400_and_load_nothing(server: Server) -> None:
+    cases = [
+        ({"tools": [{"type": "web_search"}]}, "tools of type 'web_search' are not supported"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+        ({"tool_choice": "required"}, "needs `tools`"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "name"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "cannot be combined"),
+    ]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for extra, says in cases:
+            r = http.post("/v1/chat/completions", json={"model": SMOLLM2_KEY, "messages": ASK, **extra})
+            assert r.status_code == 400 and says in r.json()["error"]["message"], (extra, r.text)
+    assert server.loaded() == []
+
+
+# ---------------------------------------------------------------- /v1/responses
+
+
+def test_responses_a_function_call_then_previous_response_id(server: Server) -> None:
+    """OpenAI's Responses API through the official SDK: a forced function call, its output sent back with
+    previous_response_id, then an answer in words; and the same as a stream of typed events."""
+    client: Any = server.openai()
+    tool = {"type": "function", **WEATHER["function"]}
+    first = client.responses.create(model=SMOLLM2_KEY, input="What is the weather in Paris right now?",
+                                    instructions="You are a helpful assistant.", tools=[tool],
+                                    tool_choice="required", temperature=0, max_output_tokens=80)
+    assert first.status == "completed" and first.id.startswith("resp_")
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Oslo", "Rome")
+    result = [{"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temperature": 21})}]
+    second = client.responses.create(model=SMOLLM2_KEY, previous_response_id=first.id, tools=[tool], input=result,
+                                     tool_choice="none", temperature=0, max_output_tokens=30)
+    alone = client.responses.create(model=SMOLLM2_KEY, tools=[tool], input=result, tool_choice="none",
+                                    temperature=0, max_output_tokens=1)
+    assert second.output_text and second.status in ("completed", "incomplete")
+    assert second.usage.input_tokens > alone.usage.input_tokens + 10  # the question and the call came along
+    events = list(client.responses.create(model=SMOLLM2_KEY, input="Say hello.", stream=True, max_output_tokens=8))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in ("response.completed",
+                                                                                     "response.incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text and events[-1].response.output[0].content[0].text == text
+    calls = list(client.responses.create(model=SMOLLM2_KEY, input="Weather in Oslo?", stream=True, tools=[tool],
+                                         tool_choice="required", max_output_tokens=80))
+    args = "".join(e.delta for e in calls if e.type == "response.function_call_arguments.delta")
+    assert json.loads(args)["city"] in ("Paris", "Oslo", "Rome")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        r = http.post("/v1/responses", json={"model": SMOLLM2_KEY, "input": "hi",
+                                             "tools": [{"type": "web_search_preview"}]})
+        assert r.status_code == 400 and "no built-in tools" in r.json()["error"]["message"]
+        r = http.post("/v1/responses", json={"model": SMOLLM2_KEY, "input": "hi", "previous_response_id": "resp_x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+
+
+# ---------------------------------------------------------------- /v1/messages
+
+
+def test_anthropic_messages_tool_use_round_trip_and_stream(server: Server) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server.url, api_key="not-needed", max_retries=0, timeout=120)
+    tool = {"name": "get_weather", "description": "The current weather in a city.",
+            "input_schema": WEATHER["function"]["parameters"]}
+    first = client.messages.create(model=SMOLLM2_KEY, max_tokens=80, tools=[tool],  # type: ignore[list-item]
+                                   tool_choice={"type": "any"},
+                                   messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    assert first.stop_reason == "tool_use" and first.role == "assistant"
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.input["city"] in ("Paris", "Oslo", "Rome")  # type: ignore[index]
+    second = client.messages.create(
+        model=SMOLLM2_KEY, max_tokens=30, tools=[tool], tool_choice={"type": "none"},  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "What is the weather in Paris?"},
+                  {"role": "assistant", "content": first.content},  # type: ignore[typeddict-item]
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                "content": "21 degrees, clear sky"}]}])
+    assert second.stop_reason in ("end_turn", "max_tokens") and second.content[0].type == "text"
+    assert second.usage.input_tokens > 20 and second.usage.output_tokens > 0
+    with client.messages.stream(model=SMOLLM2_KEY, max_tokens=8, system="Be brief.",
+                                messages=[{"role": "user", "content": "Say hello."}]) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed and final.content[0].text == streamed  # type: ignore[union-attr]
+    stopped = client.messages.create(model=SMOLLM2_KEY, max_tokens=40, stop_sequences=["\n", " "],
+                                     messages=[{"role": "user", "content": "Write two sentences about Paris."}])
+    assert stopped.stop_reason in ("stop_sequence", "max_tokens", "end_turn")
+    if stopped.stop_reason == "stop_sequence":
+        assert stopped.stop_sequence in ("\n", " ")
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model=SMOLLM2_KEY, max_tokens=8, messages=[
+            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}]}])
+    assert "image" in str(bad.value)
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(model="no-such-model", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
