@@ -125,7 +125,9 @@ def test_responses_a_function_call_then_previous_response_id(server: Server) -> 
     tool = {"type": "function", **WEATHER["function"]}
     first = client.responses.create(model=SMOLLM2_KEY, input="What is the weather in Paris right now?",
                                     instructions="You are a helpful assistant.", tools=[tool],
-                                    tool_choice="required", temperature=0, max_output_tokens=80)
+                                    tool_choice="required", temperature=0, max_output_tokens=80,
+                                    extra_body={"ttl": 90})
+    assert [(i["model"], i["origin"], i["ttl_seconds"]) for i in server.loaded()] == [(SMOLLM2_KEY, "jit", 90)]
     assert first.status == "completed" and first.id.startswith("resp_")
     (call,) = [item for item in first.output if item.type == "function_call"]
     assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Oslo", "Rome")
@@ -164,8 +166,9 @@ def test_anthropic_messages_tool_use_round_trip_and_stream(server: Server) -> No
     tool = {"name": "get_weather", "description": "The current weather in a city.",
             "input_schema": WEATHER["function"]["parameters"]}
     first = client.messages.create(model=SMOLLM2_KEY, max_tokens=80, tools=[tool],  # type: ignore[list-item]
-                                   tool_choice={"type": "any"},
+                                   tool_choice={"type": "any"}, extra_body={"ttl": 75},
                                    messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    assert [(i["model"], i["origin"], i["ttl_seconds"]) for i in server.loaded()] == [(SMOLLM2_KEY, "jit", 75)]
     assert first.stop_reason == "tool_use" and first.role == "assistant"
     (use,) = [b for b in first.content if b.type == "tool_use"]
     assert use.name == "get_weather" and use.input["city"] in ("Paris", "Oslo", "Rome")  # type: ignore[index]
@@ -182,6 +185,16 @@ def test_anthropic_messages_tool_use_round_trip_and_stream(server: Server) -> No
         streamed = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert streamed and final.content[0].text == streamed  # type: ignore[union-attr]
+    with client.messages.stream(model=SMOLLM2_KEY, max_tokens=80, tools=[tool],  # type: ignore[list-item]
+                                tool_choice={"type": "tool", "name": "get_weather"},
+                                messages=[{"role": "user", "content": "Weather in Rome?"}]) as stream:
+        kinds = [event.type for event in stream]
+        streamed_call = stream.get_final_message()
+    assert "input_json" in kinds and streamed_call.stop_reason == "tool_use"
+    (block,) = streamed_call.content
+    assert block.type == "tool_use" and block.input["city"] in ("Paris", "Oslo", "Rome")  # type: ignore[union-attr]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'endpoint="/v1/messages"' in metrics  # counted under its own endpoint, as lms log stream names it
     stopped = client.messages.create(model=SMOLLM2_KEY, max_tokens=40, stop_sequences=["\n", " "],
                                      messages=[{"role": "user", "content": "Write two sentences about Paris."}])
     assert stopped.stop_reason in ("stop_sequence", "max_tokens", "end_turn")

@@ -1,6 +1,6 @@
-"""Tool calling's pure parts (lmsd/tools.py): the format a chat template implies, reading answers of real model
-families into calls (answers as those models write them, malformed ones included), the stream that holds back a
-call, the prompt for templates without tool support, and the schema that forces a call."""
+"""Tool calling's pure parts (lmsd/tools.py): the format a chat template implies, reading answers of the model
+families into calls (malformed ones included), the stream that holds back a call, the prompt for templates without
+tool support, the schema that forces a call; and the Responses API's bounded store of conversations."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def test_the_format_comes_from_the_template(template: str | None, fmt: str) -> N
     assert tools.family(template) == fmt
 
 
-# Answers as the models write them (recorded from Qwen2.5-0.5B/1.5B-Instruct, Hermes-3-Llama-3.1-8B,
-# Llama-3.2-3B-Instruct, Mistral-7B-Instruct-v0.3 and Mistral-Small-24B-Instruct-2501 with llama.cpp).
+# Answers in the shapes these families write, as their chat templates and model cards specify them (Qwen 2.5 and
+# Hermes 3: <tool_call>; Llama 3.1-3.3: JSON with "parameters", <|python_tag|>; Mistral v0.3 and the newer
+# [TOOL_CALLS]name[ARGS]), with the variations llama.cpp's text has (a control token left out, a call cut short).
 RECORDED = [
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
      "", [("get_weather", {"city": "Paris", "unit": "celsius"})]),
@@ -152,3 +153,22 @@ def test_the_forcing_schema_allows_exactly_a_call_of_an_offered_function() -> No
         ["get_weather", "search"]
     many = tools.call_schema(fns, parallel=True)
     assert many["type"] == "array" and many["minItems"] == 1
+
+
+def test_the_responses_store_is_bounded_in_count_age_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmsd.http import responses
+
+    now = [0.0]
+    store = responses.Store(clock=lambda: now[0])
+    monkeypatch.setattr(responses, "KEEP_COUNT", 3)
+    for n in range(5):
+        store.put(f"r{n}", [{"role": "user", "content": str(n)}])
+    assert [store.get(f"r{n}") is not None for n in range(5)] == [False, False, True, True, True]
+    assert store.get("r4") == [{"role": "user", "content": "4"}]
+    now[0] = responses.KEEP_SECONDS + 1  # an hour later every one has expired
+    assert store.get("r4") is None
+    monkeypatch.setattr(responses, "KEEP_BYTES", 100)
+    store.put("big", [{"role": "user", "content": "x" * 200}])  # larger than the whole store: not kept
+    store.put("a", [{"role": "user", "content": "y" * 40}])
+    store.put("b", [{"role": "user", "content": "z" * 40}])  # together over 100 bytes: the oldest goes
+    assert store.get("big") is None and store.get("a") is None and store.get("b") is not None
