@@ -217,3 +217,37 @@ def models_dir() -> Path:
 def connect() -> DaemonClient:
     """A client to a healthy daemon (autostarted if needed)."""
     return DaemonClient().ensure()
+
+
+class CtrlC:
+    """Ctrl-C during a streaming call cancels the call. Left to Python, the KeyboardInterrupt can be raised inside
+    gRPC while the call is being set up, be lost there, and the stream waits on (`lms log stream` hung so). Used as
+    `with CtrlC() as ctrl_c: call = ctrl_c.watch(stub.X(...))`; the call then ends with a CANCELLED RpcError, and
+    `ctrl_c.pressed` says why."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._call: Any = None
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        import signal
+
+        self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _on_interrupt(self, _signum: int, _frame: object) -> None:
+        self.pressed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def watch(self, call: Any) -> Any:
+        self._call = call
+        if self.pressed:  # pressed while the call was being made
+            call.cancel()
+        return call

@@ -50,20 +50,34 @@ def family(template: str | None) -> str:
     return "generic"
 
 
-def supports_tools(template: str | None) -> bool:
-    """Whether the template renders `tools` itself (else the request's system message gets GENERIC_PREAMBLE)."""
-    return bool(template) and re.search(r"\btools\b", template or "") is not None
+PROBE = {"type": "function", "function": {"name": "lms_probe_7f3a9c", "description": "probe",
+                                          "parameters": {"type": "object", "properties": {}}}}
 
 
-def for_template(template: str | None, messages: list[dict[str, Any]],
-                 tools: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """The messages and tools to render: as they are for a template that renders tools itself; for one that does
-    not, no tools but GENERIC_PREAMBLE in the system message, the calls in the history written as the JSON the
-    preamble asks for, and tool results as user messages where the template knows no `tool` role."""
-    if supports_tools(template):
-        return messages, tools
-    preamble = GENERIC_PREAMBLE.format(tools="\n".join(json.dumps(t.get("function", t), ensure_ascii=False)
-                                                       for t in tools))
+def renders_tools(render: Any) -> bool:
+    """Whether a chat template shows the tools it is given: `render(messages, tools)` (the model's formatter) with a
+    probe function, whose name must appear in the prompt — as llama.cpp tells a template's capabilities. (A template
+    may mention `tools` and still never show them: Phi-4-mini reads tools from a message, not from `tools`.)"""
+    try:
+        prompt = render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], [PROBE])
+    except Exception:  # noqa: BLE001 - a template that fails on the probe does not take tools
+        return False
+    return str(PROBE["function"]["name"]) in prompt  # type: ignore[index]
+
+
+def for_template(template: str | None, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
+                 shows_tools: bool, system_role: bool = True,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and tools to render. A template that shows tools gets them as they are (Mistral's: with the
+    9-character call ids its template insists on). One that does not gets no tools but GENERIC_PREAMBLE (when
+    there are tools), the calls in the history written as the JSON the preamble asks for, and tool results as user
+    messages where it knows no `tool` role. `system_role=False` (a template that refuses a system message, or
+    turns that do not alternate: Gemma) puts the preamble in the first user message and joins consecutive
+    messages of one role."""
+    if family(template) == "mistral":
+        messages = [_short_ids(m) for m in messages]
+    if shows_tools:
+        return messages, tools or None
     knows_tool_role = "tool" in (template or "")
     out: list[dict[str, Any]] = []
     for m in messages:
@@ -71,16 +85,55 @@ def for_template(template: str | None, messages: list[dict[str, Any]],
             calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
             text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
             out.append({"role": "assistant", "content": (m.get("content") or "") + text})
-        elif m.get("role") == "tool" and not knows_tool_role:
+        elif m.get("role") == "tool" and (not knows_tool_role or not system_role):
             name = m.get("name") or m.get("tool_call_id") or "the function"
             out.append({"role": "user", "content": f"Result of {name}: {m.get('content', '')}"})
         else:
             out.append({k: v for k, v in m.items() if k in ("role", "content")})
-    if out and out[0].get("role") == "system":
-        out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{preamble}".strip()}
-    else:
-        out.insert(0, {"role": "system", "content": preamble})
+    if tools:
+        preamble = GENERIC_PREAMBLE.format(tools="\n".join(json.dumps(t.get("function", t), ensure_ascii=False)
+                                                           for t in tools))
+        if out and out[0].get("role") == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{preamble}".strip()}
+        else:
+            out.insert(0, {"role": "system", "content": preamble})
+    if not system_role:
+        out = _alternating(out)
     return out, None
+
+
+def _alternating(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """No system message (its text opens the first user message) and no two messages of one role in a row."""
+    out: list[dict[str, Any]] = []
+    system = "\n\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "system")
+    for m in messages:
+        if m.get("role") == "system":
+            continue
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{m.get('content') or ''}"}
+        else:
+            out.append({"role": m["role"], "content": m.get("content") or ""})
+    if system:
+        if out and out[0]["role"] == "user":
+            out[0] = {**out[0], "content": f"{system}\n\n{out[0]['content']}"}
+        else:
+            out.insert(0, {"role": "user", "content": system})
+    return out
+
+
+def _short_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """Mistral's templates refuse call ids that are not 9 letters or digits: a stable 9-character one instead."""
+    def short(value: object) -> str:
+        import hashlib
+
+        return hashlib.sha1(str(value).encode()).hexdigest()[:9]
+
+    out = dict(message)
+    if message.get("tool_calls"):
+        out["tool_calls"] = [{**c, "id": short(c.get("id"))} for c in message["tool_calls"]]
+    if message.get("role") == "tool":
+        out["tool_call_id"] = short(message.get("tool_call_id"))
+    return out
 
 
 # ---------------------------------------------------------------- forcing a call
@@ -89,13 +142,29 @@ def for_template(template: str | None, messages: list[dict[str, Any]],
 def call_schema(functions: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     """The JSON schema of an answer that is a call of one of `functions` (OpenAI `function` objects): for llama.cpp's
     grammar, so that even a small model answers with a call that parses and validates. With `parallel`, a list of
-    one to eight calls."""
-    one = [{"type": "object",
-            "properties": {"name": {"const": f["name"]},
-                           "arguments": f.get("parameters") or {"type": "object"}},
-            "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
+    one to eight calls. Each function's parameters move under `$defs`, their own references (`#/$defs/...`, `#`)
+    rebased there, so schemas that pydantic and the agent SDKs generate work."""
+    defs: dict[str, Any] = {}
+    one = []
+    for n, f in enumerate(functions):
+        defs[f"args{n}"] = _rebased(f.get("parameters") or {"type": "object"}, f"#/$defs/args{n}")
+        one.append({"type": "object",
+                    "properties": {"name": {"const": f["name"]}, "arguments": {"$ref": f"#/$defs/args{n}"}},
+                    "required": ["name", "arguments"], "additionalProperties": False})
     call = one[0] if len(one) == 1 else {"anyOf": one}
-    return {"type": "array", "items": call, "minItems": 1, "maxItems": 8} if parallel else call
+    schema = {"type": "array", "items": call, "minItems": 1, "maxItems": 8} if parallel else dict(call)
+    schema["$defs"] = defs
+    return schema
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with every local reference (`#...`, relative to its own root) pointing below `base` instead."""
+    if isinstance(schema, dict):
+        return {k: (base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebased(v, base))
+                for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_rebased(v, base) for v in schema]
+    return schema
 
 
 # ---------------------------------------------------------------- reading the output
@@ -118,8 +187,6 @@ class ToolCall:
 
 
 _DECODER = json.JSONDecoder()
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _MISTRAL_NAMED = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.\-]+)\s*\[ARGS\]\s*")
 
 
@@ -158,10 +225,34 @@ class _NotACall(ValueError):
     pass
 
 
+def _hermes(text: str) -> tuple[str, list[str]]:
+    """The text outside `<tool_call>...</tool_call>` and the bodies inside (the last one may be unclosed: cut short
+    by max_tokens). Found with `find`, never a backtracking regex: an answer of whitespace costs linear time."""
+    outside: list[str] = []
+    bodies: list[str] = []
+    pos = 0
+    while (start := text.find("<tool_call>", pos)) >= 0:
+        outside.append(text[pos:start])
+        end = text.find("</tool_call>", start)
+        stop = len(text) if end < 0 else end
+        bodies.append(text[start + len("<tool_call>") : stop])
+        pos = len(text) if end < 0 else end + len("</tool_call>")
+    outside.append(text[pos:])
+    return "".join(outside), bodies
+
+
+def _unfenced(body: str) -> str:
+    """A ```json fenced answer without the fence."""
+    if len(body) >= 6 and body.startswith("```") and body.endswith("```"):
+        inner = body[3:-3]
+        return (inner[4:] if inner.startswith("json") else inner).strip()
+    return body
+
+
 def _parse(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
     if fmt == "hermes" and "<tool_call>" in text:
-        calls = [c for body in _HERMES.findall(text) for c in _calls(_json(body))]
-        return _HERMES.sub("", text).strip(), calls
+        outside, bodies = _hermes(text)
+        return outside.strip(), [c for body in bodies for c in _calls(_json(body))]
     if fmt == "mistral" and "[TOOL_CALLS]" in text:
         before, _, after = text.partition("[TOOL_CALLS]")
         if _MISTRAL_NAMED.match("[TOOL_CALLS]" + after):
@@ -170,10 +261,7 @@ def _parse(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
     if fmt == "llama3" and "<|python_tag|>" in text:
         before, _, after = text.partition("<|python_tag|>")
         return before.strip(), [c for part in _split_calls(after) for c in _calls(_json(part))]
-    body = text.strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced[1]
+    body = _unfenced(text.strip())
     if not body or body[0] not in "[{":
         return text, []
     if fmt == "llama3" and ";" in body:
@@ -237,7 +325,9 @@ def _calls(value: Any) -> list[ToolCall]:
         name = item.get("name")
         if not isinstance(name, str) or not name:
             raise _NotACall("a call without a name")
-        args = item["arguments"] if "arguments" in item else item.get("parameters", {})
+        if "arguments" not in item and "parameters" not in item:  # {"name": ...} alone is an answer, not a call
+            raise _NotACall(f"{name} is called without arguments")
+        args = item["arguments"] if "arguments" in item else item["parameters"]
         calls.append(_call(name, args))
     return calls
 

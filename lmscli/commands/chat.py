@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from lmscli import completion
-from lmscli.client import EXIT_USAGE, CliError, boundary, connect, describe_rpc_error
+from lmscli.client import EXIT_USAGE, CliError, CtrlC, boundary, connect, describe_rpc_error
 from lmscli.durations import ttl_callback
 from lmscli.output import err, stderr, stdout
 
@@ -119,23 +119,28 @@ def _turn(session: Session, prompt: str, *, markdown: bool) -> None:
                              messages=[pb.ChatMessage(role=r, content=c) for r, c in session.messages(prompt)])
     if session.max_tokens is not None:
         request.max_tokens = session.max_tokens
-    call = connect().stub.Chat(request)
+    client = connect()
     parts: list[str] = []
     done: Any = None
     live = _live() if markdown else None
-    try:
-        for event in call:
-            if event.HasField("done"):
-                done = event.done
-            else:
-                parts.append(event.text)
-                if live is not None:
-                    live.update("".join(parts))
+    with CtrlC() as ctrl_c:
+        try:
+            for event in ctrl_c.watch(client.stub.Chat(request)):
+                if event.HasField("done"):
+                    done = event.done
                 else:
-                    stdout.file.write(event.text)
-                    stdout.file.flush()
-    except KeyboardInterrupt:
-        call.cancel()  # the daemon stops the generation and frees the slot
+                    parts.append(event.text)
+                    if live is not None:
+                        live.update("".join(parts))
+                    else:
+                        stdout.file.write(event.text)
+                        stdout.file.flush()
+        except grpc.RpcError:
+            if not ctrl_c.pressed:
+                if live is not None:
+                    live.stop()
+                raise
+    if ctrl_c.pressed:  # the call was cancelled: the daemon stops the generation and frees the slot
         if live is not None:
             live.stop()
             live.final("".join(parts))
@@ -143,10 +148,6 @@ def _turn(session: Session, prompt: str, *, markdown: bool) -> None:
         err("(stopped)")
         session.history += [("user", prompt), ("assistant", "".join(parts))]
         return
-    except grpc.RpcError:
-        if live is not None:
-            live.stop()
-        raise
     if live is not None:
         live.stop()
         live.final("".join(parts))

@@ -1,12 +1,11 @@
 """`lms log stream`: follow the daemon's lifecycle events and requests as they happen."""
 
-import signal
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from lmscli.client import EXIT_UNREACHABLE, EXIT_USAGE, CliError, boundary, connect
+from lmscli.client import EXIT_UNREACHABLE, EXIT_USAGE, CliError, CtrlC, boundary, connect
 from lmscli.output import event_json, event_line
 
 app = typer.Typer(help="Follow what the daemon does.", no_args_is_help=True)
@@ -48,36 +47,20 @@ def stream(
         words &= asked
     kinds = set().union(*(KINDS[w] for w in words)) if words else set()
     client = connect()
-    # Ctrl-C cancels the call. A KeyboardInterrupt raised inside gRPC while the call is being set up can be lost
-    # there, and the stream then waits on; cancelling always ends it.
-    interrupted = False
-    call: Any = None
-
-    def on_interrupt(_signum: int, _frame: object) -> None:
-        nonlocal interrupted
-        interrupted = True
-        if call is not None:
-            call.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        call = client.stub.WatchEvents(pb.WatchEventsRequest())
-        if interrupted:
-            call.cancel()
-        print("streaming lmsd events (Ctrl-C to stop)", file=sys.stderr, flush=True)
-        for event in call:
-            if event.kind not in kinds:
-                continue
-            line = json.dumps(event_json(event)) if as_json else event_line(event)
-            print(line, flush=True)
-    except grpc.RpcError as exc:
-        if interrupted:
-            raise KeyboardInterrupt from None
-        # The daemon ends every stream when it shuts down (with UNAVAILABLE, CANCELLED or ABORTED).
-        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
-            raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if interrupted:
+    with CtrlC() as ctrl_c:
+        try:
+            call = ctrl_c.watch(client.stub.WatchEvents(pb.WatchEventsRequest()))
+            print("streaming lmsd events (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            for event in call:
+                if event.kind not in kinds:
+                    continue
+                line = json.dumps(event_json(event)) if as_json else event_line(event)
+                print(line, flush=True)
+        except grpc.RpcError as exc:
+            # The daemon ends every stream when it shuts down (with UNAVAILABLE, CANCELLED or ABORTED).
+            if not ctrl_c.pressed and exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                     grpc.StatusCode.UNIMPLEMENTED):
+                raise
+    if ctrl_c.pressed:
         raise KeyboardInterrupt
     raise CliError("lmsd stopped; the event stream ended", EXIT_UNREACHABLE)

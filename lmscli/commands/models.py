@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from lmscli import completion
-from lmscli.client import EXIT_USAGE, CliError, boundary, connect, models_dir
+from lmscli.client import EXIT_USAGE, CliError, CtrlC, boundary, connect, models_dir
 from lmscli.durations import ttl_callback
 from lmscli.output import (
     clean,
@@ -68,17 +68,24 @@ def load(
     if ttl is not None:
         request.ttl_seconds = int(ttl)
     instance = None
+    import grpc
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("Loading {task.fields[model]}"), BarColumn(), TaskProgressColumn(),
                   TimeElapsedColumn(), console=stderr.console, transient=True,
-                  disable=not stderr.is_terminal) as bar:
+                  disable=not stderr.is_terminal) as bar, CtrlC() as ctrl_c:
         task = bar.add_task("load", total=1.0, model=key)
-        for event in client.stub.Load(request):
-            if event.HasField("progress"):
-                bar.update(task, completed=event.progress.fraction)
-            else:
-                instance = event.instance
+        try:
+            for event in ctrl_c.watch(client.stub.Load(request)):
+                if event.HasField("progress"):
+                    bar.update(task, completed=event.progress.fraction)
+                else:
+                    instance = event.instance
+        except grpc.RpcError:
+            if not ctrl_c.pressed:
+                raise
+    if ctrl_c.pressed:  # the call was cancelled: the daemon withdraws the load
+        raise KeyboardInterrupt
     if instance is None:
         raise CliError(f"the daemon ended the load of {key} without an answer")
     ttl_text = f", idle TTL {format_duration(int(ttl))}" if ttl else ""

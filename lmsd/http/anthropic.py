@@ -26,7 +26,7 @@ from lmsd.http import answers
 from lmsd.http.errors import HttpError, anthropic_error
 from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
 from lmsd.http.parsing import read_json, validate
-from lmsd.http.schemas import MAX_MODEL_NAME, MAX_TOOLS, MAX_TTL, ChatRequest, Number
+from lmsd.http.schemas import MAX_MODEL_NAME, MAX_TOOLS, MAX_TTL, AgentChatRequest, ChatRequest, Number
 
 
 class MessagesRequest(BaseModel):
@@ -51,24 +51,37 @@ def _refuse(message: str, param: str) -> HttpError:
 
 
 def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
+    """The content as blocks, each checked: a wrong type anywhere is a 400 that names it, never a 500."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise _refuse("content must be a string or a list of content blocks", param)
     for n, block in enumerate(content):
+        where = f"{param}.{n}"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind not in ("text", "tool_use", "tool_result"):
             raise _refuse(f"content blocks of type '{kind}' are not supported; send text, tool_use and tool_result "
-                          "(this server runs text models)", f"{param}.{n}.type")
+                          "(this server runs text models)", f"{where}.type")
+        if kind == "text" and not isinstance(block.get("text"), str):
+            raise _refuse("a text block needs `text`, a string", f"{where}.text")
+        if kind == "tool_use" and (not isinstance(block.get("name"), str)
+                                   or not isinstance(block.get("input", {}), dict)):
+            raise _refuse("a tool_use block needs `name` (a string) and `input` (an object)", where)
+        if kind == "tool_result":
+            _result_text(block.get("content"), f"{where}.content")
     return content
 
 
-def _result_text(content: Any) -> str:
+def _result_text(content: Any, param: str) -> str:
+    """A tool result's or a system prompt's text: a string, or text blocks."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
-    return "" if content is None else json.dumps(content)
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
+                                         and isinstance(b.get("text"), str) for b in content):
+        return "\n".join(b["text"] for b in content)
+    raise _refuse("must be a string or a list of text blocks (images are not supported)", param)
 
 
 def to_messages(body: MessagesRequest) -> list[dict[str, Any]]:
@@ -76,14 +89,14 @@ def to_messages(body: MessagesRequest) -> list[dict[str, Any]]:
     `tool` messages (before the user's own text of that turn)."""
     out: list[dict[str, Any]] = []
     if body.system:
-        system = body.system if isinstance(body.system, str) else _result_text(body.system)
+        system = _result_text(body.system, "system")
         out.append({"role": "system", "content": system})
     for n, message in enumerate(body.messages):
         role = message.get("role")
         if role not in ("user", "assistant"):
             raise _refuse(f"unknown role '{role}'; use user or assistant", f"messages.{n}.role")
         blocks = _blocks(message.get("content", ""), f"messages.{n}.content")
-        text = "".join(b.get("text", "") for b in blocks if b["type"] == "text")
+        text = "\n".join(b["text"] for b in blocks if b["type"] == "text")
         if role == "assistant":
             calls = [{"id": str(b.get("id") or f"toolu_{n}_{i}"), "type": "function",
                       "function": {"name": str(b.get("name", "")), "arguments": json.dumps(b.get("input") or {})}}
@@ -92,7 +105,7 @@ def to_messages(body: MessagesRequest) -> list[dict[str, Any]]:
             continue
         for b in blocks:
             if b["type"] == "tool_result":
-                result = _result_text(b.get("content"))
+                result = _result_text(b.get("content"), f"messages.{n}.content")
                 out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")),
                             "content": f"Error: {result}" if b.get("is_error") else result})
         if text or not any(b["type"] == "tool_result" for b in blocks):
@@ -128,7 +141,7 @@ def to_chat(body: MessagesRequest) -> ChatRequest:
                             "max_tokens": body.max_tokens, "stop": body.stop_sequences,
                             "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                             "tools": tool_list, "tool_choice": choice, "parallel_tool_calls": parallel}
-    return validate(ChatRequest, {k: v for k, v in chat.items() if v is not None})
+    return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None})
 
 
 def _stop(gen: Generation, calls: bool, text: str, stops: list[str]) -> tuple[str, str | None]:
@@ -175,9 +188,8 @@ def router(inference: Inference) -> APIRouter:
             def event(kind: str, **data: Any) -> str:
                 return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
 
-            first = int(gen.usage()["prompt_tokens"]) if gen.done else 0
             yield event("message_start", message={**shell, "content": [], "stop_reason": None, "stop_sequence": None,
-                                                  "usage": {"input_tokens": first, "output_tokens": 0}})
+                                                  "usage": {"input_tokens": 0, "output_tokens": 0}})
             yield event("ping")
             index, text_open, text, calls = 0, False, "", 0
             async for piece in answers.stream(inference, gen, names):
@@ -206,8 +218,9 @@ def router(inference: Inference) -> APIRouter:
             if text_open:
                 yield event("content_block_stop", index=index)
             reason, sequence = _stop(gen, calls > 0, text, stops)
-            yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                        usage={"output_tokens": gen.usage()["completion_tokens"]})
+            # The prompt's size is known once the worker is done: message_start said 0, this says it (the SDKs take
+            # the usage of message_delta over message_start's).
+            yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence}, usage=_usage(gen))
             yield event("message_stop")
 
         return CleanupStreamingResponse(events(), cleanup=lambda: inference.finish(gen))

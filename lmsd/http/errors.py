@@ -44,7 +44,10 @@ _ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error", 40
 def anthropic_error(exc: HttpError) -> dict[str, Any]:
     """The error in Anthropic's shape, for /v1/messages (the `anthropic` SDK reads `error.type`)."""
     kind = _ANTHROPIC_TYPE.get(exc.status, "api_error" if exc.status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+    # Anthropic's shape has no `param`: the message names the field.
+    named = exc.param and not exc.message.startswith(exc.param)
+    return {"type": "error", "error": {"type": kind, "message": f"{exc.param}: {exc.message}" if named
+                                       else exc.message}}
 
 
 def speaks_anthropic(path: str) -> bool:

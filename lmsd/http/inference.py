@@ -91,7 +91,11 @@ class Inference:
             raise HttpError(400, f"'{entry.key}' is an embedding model; use /v1/embeddings", param="model",
                             code="model_not_supported")
         max_tokens = getattr(body, "max_tokens", None)
-        if max_tokens is not None and max_tokens > n_ctx:
+        if max_tokens is not None and max_tokens > n_ctx and getattr(body, "cap_max_tokens", False):
+            # Anthropic's clients must send max_tokens and send their own model's (32000): here it means "as much
+            # as the context leaves", as a request without max_tokens gets.
+            body.max_tokens = None  # type: ignore[union-attr]
+        elif max_tokens is not None and max_tokens > n_ctx:
             raise HttpError(400, f"max_tokens is {max_tokens}, more than the context length of '{entry.key}' "
                                  f"({n_ctx} tokens)", param="max_tokens", code="context_length_exceeded")
         return entry

@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from lmsd import tools
 from lmsd.http import answers
-from lmsd.http.errors import HttpError, error_body
+from lmsd.http.errors import HttpError
 from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
 from lmsd.http.parsing import read_json, validate
-from lmsd.http.schemas import MAX_MODEL_NAME, MAX_TOOLS, MAX_TTL, ChatRequest, Number
+from lmsd.http.schemas import MAX_MODEL_NAME, MAX_TOOLS, MAX_TTL, AgentChatRequest, ChatRequest, Number
 
 KEEP_COUNT = 1000  # stored responses
 KEEP_SECONDS = 3600.0  # how long a stored response can be continued
@@ -174,7 +174,7 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[Chat
                             "max_tokens": body.max_output_tokens, "temperature": body.temperature,
                             "top_p": body.top_p, "tools": tool_list, "tool_choice": choice,
                             "parallel_tool_calls": body.parallel_tool_calls, "response_format": _response_format(body)}
-    return validate(ChatRequest, {k: v for k, v in chat.items() if v is not None}), conversation
+    return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None}), conversation
 
 
 def _usage(gen: Generation) -> dict[str, Any]:
@@ -267,7 +267,10 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
             open_message = False
             async for piece in answers.stream(inference, gen, names):
                 if isinstance(piece, HttpError):
-                    yield event("error", **error_body(piece.status, piece.message, piece.param, piece.code)["error"])
+                    yield event("error", code=piece.code, message=piece.message, param=piece.param)
+                    yield event("response.failed", response={
+                        **shell, "status": "failed", "output": output,
+                        "error": {"code": piece.code or "server_error", "message": piece.message}})
                     return
                 if isinstance(piece, str):
                     if not open_message:
@@ -296,9 +299,11 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                 output.append(item)
                 yield event("response.output_item.done", output_index=index, item=item)
             if open_message or not output:
-                if not open_message:  # an empty answer is still one (empty) message
+                if not open_message:  # an empty answer is still one (empty) message, with its one part
                     yield event("response.output_item.added", output_index=0,
                                 item=_message_item(msg_id, "", "in_progress"))
+                    yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
+                                part={"type": "output_text", "text": "", "annotations": []})
                 for e in close_message():
                     yield e
             done = final(output, text, calls)

@@ -7,7 +7,7 @@ OpenAI-compatible servers do. Every rule here answers 400 with the offending fie
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
@@ -379,6 +379,9 @@ def _arguments(function: CalledFunction) -> Any:
 
 
 class ChatRequest(_Sampling):
+    # Set by /v1/messages and /v1/responses: a max_tokens beyond the context means "what the context leaves".
+    cap_max_tokens: ClassVar[bool] = False
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
@@ -403,7 +406,14 @@ class ChatRequest(_Sampling):
             raise ValueError(f"tool_choice names the function '{choice.name}', which is not in `tools`")
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError("a forced tool_choice and response_format cannot be combined: both constrain the answer")
+        _bounded_schema(self._call_schema())  # the functions together, as the grammar gets them
         return self
+
+    def _call_schema(self) -> dict[str, Any]:
+        from lmsd.tools import call_schema
+
+        return call_schema([f.model_dump(exclude_none=True) for f in self.forced],
+                           parallel=bool(self.parallel_tool_calls))
 
     @property
     def functions(self) -> list[FunctionDef]:
@@ -429,11 +439,7 @@ class ChatRequest(_Sampling):
             params["tools"] = [{"type": "function", "function": f.model_dump(exclude_none=True)}
                                for f in self.functions]
         if self.forced:
-            from lmsd.tools import call_schema
-
-            schema = call_schema([f.model_dump(exclude_none=True) for f in self.forced],
-                                 parallel=bool(self.parallel_tool_calls))
-            params["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
+            params["response_format"] = {"type": "json_schema", "json_schema": {"schema": self._call_schema()}}
         return params
 
 
@@ -478,3 +484,9 @@ class EmbeddingRequest(_Request):
     @property
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class AgentChatRequest(ChatRequest):
+    """A chat request made from a /v1/messages or /v1/responses body (their clients send large max_tokens)."""
+
+    cap_max_tokens: ClassVar[bool] = True

@@ -70,10 +70,12 @@ class _Guard:
         key = self.api_key()
         if key is not None and scope.get("method") != "OPTIONS":
             given = headers.get("authorization", "")
-            # Bearer, as OpenAI's clients send it; x-api-key, as Anthropic's do.
-            token = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "").strip()
-            if not hmac.compare_digest(token.encode(), key.encode()):
-                why = ("wrong API key" if token else
+            # Bearer, as OpenAI's clients send it; x-api-key, as Anthropic's do: either one that matches will do.
+            tokens = [given[7:].strip() if given.lower().startswith("bearer ") else "",
+                      headers.get("x-api-key", "").strip()]
+            matches = [hmac.compare_digest(t.encode(), key.encode()) for t in tokens]  # both compared, in constant time
+            if not any(matches):
+                why = ("wrong API key" if any(tokens) else
                        "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
                 await _send_json(send, 401, shaped(HttpError(401, why, code="invalid_api_key"), path),
                                  {"WWW-Authenticate": "Bearer"})

@@ -110,6 +110,7 @@ class BatchEngine:
         self._order = itertools.count()
         self._piece = ctypes.create_string_buffer(_PIECE)
         self._formatter: Any = None
+        self._shows_tools: bool | None = None  # whether the chat template shows the tools it is given
 
     # ------------------------------------------------------------------ requests in
 
@@ -151,14 +152,32 @@ class BatchEngine:
         if self._formatter is None:
             self._formatter = _chat_formatter(self.llm)
         messages, tools = params.get("messages") or [], params.get("tools")
-        if tools:
-            from lmsd.tools import for_template
-
-            messages, tools = for_template(self.llm.metadata.get("tokenizer.chat_template"), messages, tools)
-        result = self._formatter(messages=messages, tools=tools)
+        if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+            result = self._render_with_tools(messages, tools or [])
+        else:
+            result = self._formatter(messages=messages)
         tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
         stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return tokens, [s for s in stops if s]
+
+    def _render_with_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> Any:
+        """A chat with tools, or with calls in its history, as lmsd/tools.py prepares it for this template: shown
+        by the template if it shows tools, else the generic preamble; if the template refuses that (no system role,
+        turns that must alternate), once more with the preamble in the first user message."""
+        from lmsd import tools as tool_calls
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if self._shows_tools is None:
+            self._shows_tools = tool_calls.renders_tools(
+                lambda m, t: self._formatter(messages=m, tools=t).prompt)
+        prepared, shown = tool_calls.for_template(template, messages, tools, shows_tools=self._shows_tools)
+        try:
+            return self._formatter(messages=prepared, tools=shown)
+        except Exception:  # noqa: BLE001 - jinja2's errors, and the template's own raise_exception
+            if self._shows_tools:
+                raise
+        prepared, shown = tool_calls.for_template(template, messages, tools, shows_tools=False, system_role=False)
+        return self._formatter(messages=prepared, tools=shown)
 
     def _sampler(self, kind: str, params: dict[str, Any], grammar: tuple[bytes, bytes] | None) -> Any:
         lib = self.lib
@@ -410,7 +429,8 @@ class BatchEngine:
             return
         seq.tokens.append(token)
         seq.generated += 1
-        text = seq.text.feed(self._token_bytes(token))
+        # A chat offering tools gets control tokens as text: [TOOL_CALLS] and <|python_tag|> are how calls start.
+        text = seq.text.feed(self._token_bytes(token, special=bool(seq.tool_format)))
         if text:
             if seq.first_at is None:
                 seq.first_at = now
@@ -420,11 +440,11 @@ class BatchEngine:
         elif seq.generated >= seq.limit:
             self._finish(seq, "length")
 
-    def _token_bytes(self, token: int) -> bytes:
-        n = self.lib.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+    def _token_bytes(self, token: int, special: bool = False) -> bytes:
+        n = self.lib.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
         if n < 0:
             self._piece = ctypes.create_string_buffer(-n)
-            n = self.lib.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+            n = self.lib.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
         return self._piece.raw[:max(n, 0)]
 
     def _finish(self, seq: Sequence, reason: str) -> None:

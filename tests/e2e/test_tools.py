@@ -206,3 +206,12 @@ def test_anthropic_messages_tool_use_round_trip_and_stream(server: Server) -> No
     assert "image" in str(bad.value)
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="no-such-model", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    # Claude Code and the like send their own model's max_tokens: here it means what the context leaves.
+    big = client.messages.create(model=SMOLLM2_KEY, max_tokens=32000, stop_sequences=[" ", "\n"],
+                                 messages=[{"role": "user", "content": "Write a sentence about Paris."}])
+    assert big.stop_reason in ("stop_sequence", "end_turn")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        r = http.post("/v1/messages", json={"model": SMOLLM2_KEY, "max_tokens": 8, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": 5}]}]})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        assert "messages.0.content.0.text" in r.text

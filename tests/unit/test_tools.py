@@ -129,19 +129,51 @@ def test_a_stream_sends_plain_text_as_it_comes() -> None:
     assert stream.feed("bar>") == "<toolbar>"  # ... until it is not one
 
 
+FN = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+HISTORY = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": "", "tool_calls": [
+               {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+           {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"}]
+
+
 def test_a_template_without_tools_gets_the_preamble_and_the_history_as_json() -> None:
-    fn = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-    messages = [{"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": "", "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-                {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"}]
-    out, passed = tools.for_template("{{ messages }}", messages, [fn])
+    out, passed = tools.for_template("{{ messages }}", HISTORY, [FN], shows_tools=False)
     assert passed is None
     assert out[0]["role"] == "system" and '"name": "get_weather"' in out[0]["content"]
     assert json.loads(out[2]["content"]) == {"name": "get_weather", "arguments": {"city": "Paris"}}
     assert out[3] == {"role": "user", "content": "Result of get_weather: sunny"}
-    assert tools.for_template(QWEN25, messages, [fn]) == (messages, [fn])  # a template with tools renders them
+    assert tools.for_template(QWEN25, HISTORY, [FN], shows_tools=True) == (HISTORY, [FN])
+    # Calls in the history are written out even when the request offers no tools (tool_choice "none").
+    quiet, _ = tools.for_template("{{ messages }}", HISTORY, [], shows_tools=False)
+    assert [m["role"] for m in quiet] == ["user", "assistant", "user"] and "get_weather" in quiet[1]["content"]
+
+
+def test_a_template_that_refuses_a_system_role_gets_the_preamble_in_the_first_user_turn() -> None:
+    """Gemma's templates raise on a system message and on turns that do not alternate."""
+    history = [*HISTORY, {"role": "tool", "tool_call_id": "call_2", "content": "windy"}]
+    out, _ = tools.for_template("{{ messages }}", history, [FN], shows_tools=False, system_role=False)
+    assert [m["role"] for m in out] == ["user", "assistant", "user"]
+    assert out[0]["content"].startswith("You can call these functions") and out[0]["content"].endswith("Paris?")
+    assert "sunny" in out[2]["content"] and "windy" in out[2]["content"]
+
+
+def test_mistral_templates_get_nine_character_call_ids() -> None:
+    out, _ = tools.for_template(MISTRAL, HISTORY, [FN], shows_tools=True)
+    call_id = out[1]["tool_calls"][0]["id"]
+    assert len(call_id) == 9 and call_id.isalnum() and out[2]["tool_call_id"] == call_id
+
+
+def test_whether_a_template_shows_tools_is_seen_in_what_it_renders() -> None:
+    import jinja2
+
+    def render_with(template: str):  # type: ignore[no-untyped-def]
+        return lambda messages, tools_: jinja2.Template(template).render(messages=messages, tools=tools_)
+
+    assert tools.renders_tools(render_with("{% for t in tools %}{{ t | tojson }}{% endfor %}"))
+    # Phi-4-mini mentions `tools` but reads them from a message: the probe's name never shows.
+    assert not tools.renders_tools(render_with("{% for m in messages %}{{ m['tools'] }}{{ m.content }}{% endfor %}"))
+    assert not tools.renders_tools(render_with("{{ raise_exception('no') }}"))
 
 
 def test_the_forcing_schema_allows_exactly_a_call_of_an_offered_function() -> None:
@@ -172,3 +204,32 @@ def test_the_responses_store_is_bounded_in_count_age_and_size(monkeypatch: pytes
     store.put("a", [{"role": "user", "content": "y" * 40}])
     store.put("b", [{"role": "user", "content": "z" * 40}])  # together over 100 bytes: the oldest goes
     assert store.get("big") is None and store.get("a") is None and store.get("b") is not None
+
+
+def test_a_forced_call_keeps_the_parameters_references_working() -> None:
+    """Schemas from pydantic and the agent SDKs use `$defs` and `$ref`: they still resolve once the parameters sit
+    inside the call's schema (llama.cpp's converter builds the grammar)."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    params = {"type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}}, "required": ["loc"],
+              "$defs": {"Loc": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                "required": ["city"]}}}
+    for parallel in (False, True):
+        schema = tools.call_schema([{"name": "f", "parameters": params}, {"name": "g"}], parallel=parallel)
+        grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        assert "Paris" in grammar._grammar and "Oslo" in grammar._grammar
+
+
+def test_forced_functions_are_bounded_together() -> None:
+    """Each function's parameters may be up to 64 KB, but a forced call's grammar comes from all of them: the whole
+    is bounded too, before any worker builds it."""
+    from pydantic import ValidationError
+
+    from lmsd.http.schemas import ChatRequest
+
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 200} for i in range(900)}}
+    fn = [{"type": "function", "function": {"name": f"f{n}", "parameters": big}} for n in range(4)]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": fn}
+    ChatRequest.model_validate(body)  # offered, not forced: fine
+    with pytest.raises(ValidationError, match="larger than 64 KB"):
+        ChatRequest.model_validate({**body, "tool_choice": "required"})
