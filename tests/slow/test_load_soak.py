@@ -24,7 +24,7 @@ def test_load_many_clients_three_models_auto_evict_every_request_answered_in_ful
 
 
 def test_soak_load_unload_cycles_and_requests_leave_the_daemon_flat() -> None:
-    figures = run_soak(env_size("LMS_SOAK_CYCLES", 30), env_size("LMS_SOAK_REQUESTS", 120))
+    figures = run_soak(env_size("LMS_SOAK_CYCLES", 20), env_size("LMS_SOAK_REQUESTS", 100))
     write_figures("soak", figures.as_dict())
     assert figures.failed == 0, "\n".join(figures.failures)
     assert figures.served == figures.requests
