@@ -207,11 +207,6 @@ def parse(text: str, fmt: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     return content, calls
 
 
-def markers(fmt: str) -> tuple[str, ...]:
-    """Where a call may start in a stream of text: a tag anywhere, or (for JSON) the answer's first character."""
-    return {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",), "llama3": ("<|python_tag|>",)}.get(fmt, ())
-
-
 def starts_call(text: str) -> bool | None:
     """Whether an answer beginning with `text` is read as a plain-JSON call: True (JSON or a ``` fence), False, or
     None while it cannot tell yet (blank, or "`" / "``")."""

@@ -144,7 +144,7 @@ def to_chat(body: MessagesRequest) -> ChatRequest:
     return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None})
 
 
-def _stop(gen: Generation, calls: bool, text: str, stops: list[str]) -> tuple[str, str | None]:
+def _stop(gen: Generation, calls: bool, stops: list[str]) -> tuple[str, str | None]:
     """stop_reason and stop_sequence."""
     if calls:
         return "tool_use", None
@@ -179,7 +179,7 @@ def router(inference: Inference) -> APIRouter:
                  "model": gen.identifier}
         if not body.stream:
             text, calls = await answers.collect(request, inference, gen, names)
-            reason, sequence = _stop(gen, bool(calls), text, stops)
+            reason, sequence = _stop(gen, bool(calls), stops)
             content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
             return JSONResponse({**shell, "content": content, "stop_reason": reason, "stop_sequence": sequence,
                                  "usage": _usage(gen)})
@@ -217,7 +217,7 @@ def router(inference: Inference) -> APIRouter:
                 calls += 1
             if text_open:
                 yield event("content_block_stop", index=index)
-            reason, sequence = _stop(gen, calls > 0, text, stops)
+            reason, sequence = _stop(gen, calls > 0, stops)
             # The prompt's size is known once the worker is done: message_start said 0, this says it (the SDKs take
             # the usage of message_delta over message_start's).
             yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence}, usage=_usage(gen))

@@ -491,6 +491,16 @@ def test_a_request_cannot_add_a_model_under_a_folder_s_second_name(tmp_path: Pat
     assert keys(cat) == ["one"] and cat.resolve("one").rel_path == "aa/r/one.gguf"
 
 
+def assert_keys_unique_and_found(names: list[str]) -> None:
+    """The models the files make: every key non-empty, none shared, each finding its own model."""
+    files = {f"/m/{rel}": index_mod.File(rel, 10, "1:10") for rel in names}
+    entries, _pending = index_mod.models(files, {})
+    assert all(e.key for e in entries) and len({e.key for e in entries}) == len(entries)
+    view = index_mod.View(entries)
+    for e in entries:
+        assert view.find(e.key) is e
+
+
 @pytest.mark.parametrize("names", [
     ["p/r/X-00001-of-00002.gguf", "p/r/X-00002-of-00002.gguf", "p/r/X.gguf"],  # split next to merged
     ["p/r/X-00001-of-00002.gguf", "p/r/X-00002-of-00002.gguf", "p/r/X-00001-of-00003.gguf"],
@@ -499,12 +509,7 @@ def test_a_request_cannot_add_a_model_under_a_folder_s_second_name(tmp_path: Pat
     ["a/-00000-of-00000.gguf", "b/x.Q4_0.gguf"],
 ])
 def test_keys_are_unique_and_never_empty(names: list[str]) -> None:
-    files = {f"/m/{rel}": index_mod.File(rel, 10, "1:10") for rel in names}
-    entries, _pending = index_mod.models(files, {})
-    assert all(e.key for e in entries) and len({e.key for e in entries}) == len(entries)
-    view = index_mod.View(entries)
-    for e in entries:
-        assert view.find(e.key) is e
+    assert_keys_unique_and_found(names)
 
 
 @settings(max_examples=300, deadline=None)
@@ -513,12 +518,7 @@ def test_keys_are_unique_and_never_empty(names: list[str]) -> None:
                          min_size=1, max_size=3).map(lambda parts: "/".join(parts[:-1] + [parts[-1] + ".gguf"])),
                 max_size=8, unique=True))
 def test_any_names_make_unique_keys(names: list[str]) -> None:
-    files = {f"/m/{rel}": index_mod.File(rel, 10, "1:10") for rel in names}
-    entries, _pending = index_mod.models(files, {})
-    assert all(e.key for e in entries) and len({e.key for e in entries}) == len(entries)
-    view = index_mod.View(entries)
-    for e in entries:
-        assert view.find(e.key) is e
+    assert_keys_unique_and_found(names)
 
 
 def test_a_model_keeps_its_key_when_a_file_of_the_same_name_arrives(
