@@ -175,6 +175,7 @@ class ToolCall:
     name: str
     arguments: str  # a JSON object, as text (OpenAI's shape)
     id: str = ""
+    complete: bool = True  # False: cut short by max_tokens while it was streamed
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -386,6 +387,126 @@ class ToolStream:
         return parse(held, fmt, names)
 
 
-def pieces(arguments: str, size: int = 24) -> list[str]:
-    """A call's arguments in the pieces a stream sends them in (clients join them)."""
-    return [arguments[i : i + size] for i in range(0, len(arguments), size)] or [""]
+@dataclass
+class CallPart:
+    """A piece of a streamed call: the first (`first`: its id and name are known) and the last (`last`: its arguments
+    are complete, or cut short by max_tokens when `call.complete` is False) may carry no `delta`; the pieces of
+    arguments in between join to `call.arguments`."""
+
+    index: int  # the call's place in the answer
+    call: ToolCall
+    delta: str = ""
+    first: bool = False
+    last: bool = False
+
+
+def parts(index: int, call: ToolCall, size: int = 24) -> list[CallPart]:
+    """A call read whole, as the parts a stream sends: its start, its arguments in pieces, its end."""
+    pieces = [call.arguments[i : i + size] for i in range(0, len(call.arguments), size)]
+    return [CallPart(index, call, first=True), *(CallPart(index, call, p) for p in pieces),
+            CallPart(index, call, last=True)]
+
+
+class ForcedStream:
+    """The answer of a forced call (`call_schema`: `{"name": ..., "arguments": {...}}`, or a list of those), read as
+    it is decoded: a call starts once its name is complete, and its arguments go out piece by piece as the model
+    writes them, as OpenAI streams them. The grammar makes the text a call, so nothing has to be held back to be
+    checked; only max_tokens can cut it short (the last part says so: `call.complete` is False). A scan of each
+    character once, tracking strings and nesting: the calls are objects at `depth` (1, or 2 inside a list)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._pos = 0
+        self._stack: list[str] = []
+        self._in_string = self._escaped = False
+        self._string_at = 0
+        self._depth = 0  # the nesting of a call object, known from the first bracket
+        self._key: str | None = None  # the call's key whose value is being read
+        self._expect_key = False
+        self._call: ToolCall | None = None  # the call being read, once its name is known
+        self._args_at = -1  # where its arguments start in `text`
+        self._args_end = -1  # and end, once they have
+        self._sent = 0  # how much of its arguments went out
+        self.count = 0  # calls started
+
+    def feed(self, text: str) -> list[CallPart]:
+        self.text += text
+        out: list[CallPart] = []
+        for i in range(self._pos, len(self.text)):
+            out += self._step(i, self.text[i])
+        self._pos = len(self.text)
+        return out + self._arguments_so_far()
+
+    def finish(self) -> tuple[str, list[CallPart]]:
+        """The text when no call began (only max_tokens stops a forced answer before its first name), or the end of a
+        call cut short."""
+        if self.count == 0:
+            return self.text, []
+        if self._call is None:
+            return "", []
+        call, self._call = self._call, None
+        call.arguments, call.complete = self.text[self._args_at:] if self._args_at >= 0 else "", False
+        return "", [CallPart(self.count - 1, call, last=True)]
+
+    def _step(self, i: int, c: str) -> list[CallPart]:
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif c == "\\":
+                self._escaped = True
+            elif c == '"':
+                self._in_string = False
+                return self._string(self.text[self._string_at : i + 1])
+            return []
+        if c == '"':
+            self._in_string, self._string_at = True, i
+        elif c in "{[":
+            if not self._stack:
+                self._depth = 2 if c == "[" else 1
+            self._stack.append(c)
+            if len(self._stack) == self._depth and c == "{":
+                self._key, self._expect_key, self._args_at, self._args_end = None, True, -1, -1
+            elif len(self._stack) == self._depth + 1 and self._key == "arguments" and self._args_at < 0:
+                self._args_at = i
+        elif c in "}]" and self._stack:
+            self._stack.pop()
+            if len(self._stack) == self._depth and self._args_at >= 0 and self._args_end < 0:
+                self._args_end = i + 1
+                return self._arguments_so_far(closing=True)
+        elif len(self._stack) == self._depth:
+            if c == ":":
+                self._expect_key = False
+            elif c == ",":
+                self._expect_key, self._key = True, None
+        return []
+
+    def _string(self, literal: str) -> list[CallPart]:
+        if len(self._stack) != self._depth:
+            return []
+        try:
+            value = json.loads(literal)
+        except ValueError:
+            return []
+        if self._expect_key:
+            self._key = value
+            return []
+        if self._key == "name" and self._call is None:
+            self._call, self._sent = ToolCall(value, ""), 0
+            self.count += 1
+            first = [CallPart(self.count - 1, self._call, first=True)]
+            return first + self._arguments_so_far(closing=True) if self._args_end >= 0 else first
+        return []
+
+    def _arguments_so_far(self, closing: bool = False) -> list[CallPart]:
+        """The arguments written since the last part (all of them, and the call's end, when `closing`)."""
+        call = self._call
+        if call is None or self._args_at < 0:
+            return []
+        end = self._args_end if self._args_end >= 0 else len(self.text)
+        delta = self.text[self._args_at + self._sent : end]
+        self._sent += len(delta)
+        out = [CallPart(self.count - 1, call, delta)] if delta else []
+        if closing:
+            call.arguments, self._call = self.text[self._args_at : end], None
+            out.append(CallPart(self.count - 1, call, last=True))
+        return out

@@ -20,9 +20,25 @@ async def collect(request: Request, inference: Inference, gen: Generation,
     return tools.parse(text, gen.done.get("tool_format", "generic"), names) if names else (text, [])
 
 
-async def stream(inference: Inference, gen: Generation,
-                 names: set[str]) -> AsyncIterator[str | tools.ToolCall | HttpError]:
-    """The answer as it comes: text pieces, then the calls (once each is complete); an HttpError ends it."""
+async def stream(inference: Inference, gen: Generation, names: set[str],
+                 forced: bool = False) -> AsyncIterator[str | tools.CallPart | HttpError]:
+    """The answer as it comes: text pieces and the parts of its calls; an HttpError ends it. A forced call
+    (`forced`: the grammar makes the answer one) streams its arguments as they are decoded; a call the model chose
+    to make is held until it is complete and checked, so that malformed output is still sent as text."""
+    if forced:
+        reader = tools.ForcedStream()
+        async for piece in inference.tokens(gen):
+            if isinstance(piece, HttpError):
+                yield piece
+                return
+            for part in reader.feed(piece):
+                yield part
+        rest, ends = reader.finish()
+        if rest:
+            yield rest
+        for part in ends:
+            yield part
+        return
     held = tools.ToolStream() if names else None
     async for piece in inference.tokens(gen):
         if isinstance(piece, HttpError):
@@ -35,9 +51,11 @@ async def stream(inference: Inference, gen: Generation,
         rest, calls = held.finish(gen.done.get("tool_format", "generic"), names)
         if rest:
             yield rest
-        for call in calls:
-            yield call
+        for index, call in enumerate(calls):
+            for part in tools.parts(index, call):
+                yield part
 
 
 def finish_reason(gen: Generation, calls: bool) -> str:
+    """`tool_calls` when the answer made (complete) calls, else why it stopped."""
     return "tool_calls" if calls else str(gen.done.get("finish_reason", "stop"))

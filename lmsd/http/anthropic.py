@@ -25,7 +25,7 @@ from lmsd import tools
 from lmsd.http import answers
 from lmsd.http.errors import HttpError, anthropic_error
 from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
-from lmsd.http.parsing import read_json, validate
+from lmsd.http.parsing import read_json, renamed, validate
 from lmsd.http.schemas import MAX_MODEL_NAME, MAX_TOOLS, MAX_TTL, AgentChatRequest, ChatRequest, Number
 
 
@@ -135,13 +135,21 @@ def _tools(body: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
     return out or None, (choice, parallel)
 
 
+# The chat request's fields as this API calls them (a message's index moves: the system prompt and tool results
+# become messages of their own).
+_OUR_FIELDS = renamed([(r"tools\.(\d+)\.function\.parameters", r"tools.\1.input_schema"),
+                       (r"tools\.(\d+)\.function", r"tools.\1"), (r"stop\b.*", "stop_sequences"),
+                       (r"messages\b.*", "messages"), (r"tool_choice\b.*", "tool_choice")])
+
+
 def to_chat(body: MessagesRequest) -> ChatRequest:
     tool_list, (choice, parallel) = _tools(body)
     chat: dict[str, Any] = {"model": body.model, "messages": to_messages(body), "ttl": body.ttl,
                             "max_tokens": body.max_tokens, "stop": body.stop_sequences,
                             "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                             "tools": tool_list, "tool_choice": choice, "parallel_tool_calls": parallel}
-    return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None})
+    return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None}, _OUR_FIELDS)
+
 
 
 def _stop(gen: Generation, calls: bool, stops: list[str]) -> tuple[str, str | None]:
@@ -162,7 +170,7 @@ def _usage(gen: Generation) -> dict[str, Any]:
 
 def _tool_use(call: tools.ToolCall) -> dict[str, Any]:
     return {"type": "tool_use", "id": f"toolu_{call.id.removeprefix('call_')}", "name": call.name,
-            "input": json.loads(call.arguments)}
+            "input": json.loads(call.arguments) if call.arguments else {}}
 
 
 def router(inference: Inference) -> APIRouter:
@@ -191,8 +199,8 @@ def router(inference: Inference) -> APIRouter:
             yield event("message_start", message={**shell, "content": [], "stop_reason": None, "stop_sequence": None,
                                                   "usage": {"input_tokens": 0, "output_tokens": 0}})
             yield event("ping")
-            index, text_open, text, calls = 0, False, "", 0
-            async for piece in answers.stream(inference, gen, names):
+            index, text_open, calls = 0, False, False
+            async for piece in answers.stream(inference, gen, names, forced=bool(chat.forced)):
                 if isinstance(piece, HttpError):
                     yield event("error", error=anthropic_error(piece)["error"])
                     return
@@ -200,24 +208,25 @@ def router(inference: Inference) -> APIRouter:
                     if not text_open:
                         text_open = True
                         yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
-                    text += piece
                     yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": piece})
                     continue
                 if text_open:
                     text_open = False
                     yield event("content_block_stop", index=index)
                     index += 1
-                block = _tool_use(piece)
-                yield event("content_block_start", index=index, content_block={**block, "input": {}})
-                for part in tools.pieces(piece.arguments):
+                if piece.first:
+                    block = {**_tool_use(piece.call), "input": {}}  # its input comes as input_json_delta
+                    yield event("content_block_start", index=index, content_block=block)
+                elif piece.delta:
                     yield event("content_block_delta", index=index,
-                                delta={"type": "input_json_delta", "partial_json": part})
-                yield event("content_block_stop", index=index)
-                index += 1
-                calls += 1
+                                delta={"type": "input_json_delta", "partial_json": piece.delta})
+                elif piece.last:
+                    yield event("content_block_stop", index=index)
+                    index += 1
+                    calls = piece.call.complete
             if text_open:
                 yield event("content_block_stop", index=index)
-            reason, sequence = _stop(gen, calls > 0, stops)
+            reason, sequence = _stop(gen, calls, stops)
             # The prompt's size is known once the worker is done: message_start said 0, this says it (the SDKs take
             # the usage of message_delta over message_start's).
             yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence}, usage=_usage(gen))

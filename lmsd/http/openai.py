@@ -17,7 +17,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from lmsd import tools
 from lmsd.http import answers
 from lmsd.http.errors import HttpError, error_body
 from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
@@ -60,21 +59,23 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
             return sse({**chunk, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]})
 
         yield delta({"role": "assistant", "content": ""})
-        calls = 0
-        async for piece in answers.stream(inference, gen, names):
+        calls = False
+        async for piece in answers.stream(inference, gen, names, forced=bool(body.forced)):
             if isinstance(piece, HttpError):
                 yield sse(error_body(piece.status, piece.message, piece.param, piece.code))
                 return
             if isinstance(piece, str):
                 yield delta({"content": piece})
-                continue
-            # A call: its name first, then its arguments in pieces, as OpenAI streams them.
-            yield delta({"tool_calls": [{**piece.openai(calls), "function": {"name": piece.name, "arguments": ""}}]})
-            for part in tools.pieces(piece.arguments):
-                yield delta({"tool_calls": [{"index": calls, "function": {"arguments": part}}]})
-            calls += 1
+            elif piece.first:  # a call: its id and name first, then its arguments in pieces, as OpenAI streams them
+                call = piece.call
+                yield delta({"tool_calls": [{**call.openai(piece.index), "function": {"name": call.name,
+                                                                                      "arguments": ""}}]})
+            elif piece.delta:
+                yield delta({"tool_calls": [{"index": piece.index, "function": {"arguments": piece.delta}}]})
+            elif piece.last:
+                calls = piece.call.complete
         yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                         "finish_reason": answers.finish_reason(gen, calls > 0)}], **extra(gen)})
+                                         "finish_reason": answers.finish_reason(gen, calls)}], **extra(gen)})
         if body.include_usage:
             yield sse({**chunk, "choices": [], "usage": gen.usage()})
         yield sse("[DONE]")

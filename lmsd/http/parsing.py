@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -54,14 +55,31 @@ async def read_json(request: Request) -> dict[str, object]:
     return data
 
 
-def validate(model: type[M], data: object) -> M:
-    """`data` as `model`, or a 400 that names the first offending field."""
+def renamed(rules: list[tuple[str, str]]) -> Callable[[str], str]:
+    """A field of a translated request named as its client sent it: the first rule (a regex, its replacement)
+    that matches the field's path."""
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+
+    def rename(param: str) -> str:
+        for pattern, replacement in compiled:
+            if pattern.match(param):
+                return pattern.sub(replacement, param, count=1)
+        return param
+
+    return rename
+
+
+def validate(model: type[M], data: object, rename: Callable[[str], str] | None = None) -> M:
+    """`data` as `model`, or a 400 that names the first offending field (as `rename` says the client calls it, for a
+    request translated from another API's)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "constrained-"))]
         param = ".".join(loc) or None
+        if param and rename is not None:
+            param = rename(param)
         msg = str(first["msg"]).removeprefix("Value error, ")
         if first["type"] == "missing":
             msg = "this field is required"

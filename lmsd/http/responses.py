@@ -28,7 +28,7 @@ from lmsd import tools
 from lmsd.http import answers
 from lmsd.http.errors import HttpError
 from lmsd.http.inference import CleanupStreamingResponse, Generation, Inference
-from lmsd.http.parsing import read_json, validate
+from lmsd.http.parsing import read_json, renamed, validate
 from lmsd.http.schemas import MAX_MODEL_NAME, MAX_TOOLS, MAX_TTL, AgentChatRequest, ChatRequest, Number
 
 KEEP_COUNT = 1000  # stored responses
@@ -164,6 +164,12 @@ def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:
     return {"type": fmt.get("type")}
 
 
+# The chat request's fields as this API calls them (the input's items and the messages do not line up one to one).
+_OUR_FIELDS = renamed([(r"tools\.(\d+)\.function", r"tools.\1"), (r"max_tokens\b", "max_output_tokens"),
+                       (r"messages\b.*", "input"), (r"response_format\b.*", "text.format"),
+                       (r"tool_choice\b.*", "tool_choice")])
+
+
 def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[ChatRequest, list[dict[str, Any]]]:
     """The chat request the response is made with, and the conversation to store (without the instructions:
     a continued response does not inherit them, as OpenAI's)."""
@@ -174,7 +180,8 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[Chat
                             "max_tokens": body.max_output_tokens, "temperature": body.temperature,
                             "top_p": body.top_p, "tools": tool_list, "tool_choice": choice,
                             "parallel_tool_calls": body.parallel_tool_calls, "response_format": _response_format(body)}
-    return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None}), conversation
+    return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None}, _OUR_FIELDS), conversation
+
 
 
 def _usage(gen: Generation) -> dict[str, Any]:
@@ -192,7 +199,7 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict[st
 
 def _call_item(call: tools.ToolCall, status: str = "completed") -> dict[str, Any]:
     return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
-            "name": call.name, "arguments": call.arguments if status == "completed" else "", "status": status}
+            "name": call.name, "arguments": call.arguments if status != "in_progress" else "", "status": status}
 
 
 def _calls_as_messages(content: str, calls: list[tools.ToolCall]) -> list[dict[str, Any]]:
@@ -265,7 +272,7 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                         event("response.output_item.done", output_index=len(output) - 1, item=item)]
 
             open_message = False
-            async for piece in answers.stream(inference, gen, names):
+            async for piece in answers.stream(inference, gen, names, forced=bool(chat.forced)):
                 if isinstance(piece, HttpError):
                     yield event("error", code=piece.code, message=piece.message, param=piece.param)
                     yield event("response.failed", response={
@@ -287,17 +294,21 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                     open_message = False
                     for e in close_message():
                         yield e
-                calls.append(piece)
-                item = _call_item(piece)
-                index = len(output)
-                yield event("response.output_item.added", output_index=index, item=_call_item(piece, "in_progress"))
-                for part in tools.pieces(piece.arguments):
-                    yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                                delta=part)
-                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            arguments=piece.arguments)
-                output.append(item)
-                yield event("response.output_item.done", output_index=index, item=item)
+                call, index = piece.call, len(output)
+                item_id = _call_item(call)["id"]
+                if piece.first:
+                    yield event("response.output_item.added", output_index=index, item=_call_item(call, "in_progress"))
+                elif piece.delta:
+                    yield event("response.function_call_arguments.delta", item_id=item_id, output_index=index,
+                                delta=piece.delta)
+                elif piece.last:
+                    item = _call_item(call, "completed" if call.complete else "incomplete")
+                    yield event("response.function_call_arguments.done", item_id=item_id, output_index=index,
+                                arguments=call.arguments)
+                    output.append(item)
+                    yield event("response.output_item.done", output_index=index, item=item)
+                    if call.complete:
+                        calls.append(call)
             if open_message or not output:
                 if not open_message:  # an empty answer is still one (empty) message, with its one part
                     yield event("response.output_item.added", output_index=0,

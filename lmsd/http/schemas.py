@@ -277,6 +277,9 @@ class FunctionDef(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _parameters(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError(f"must be a JSON schema of type 'object' (a call's arguments are an object), "
+                             f"not of type {v['type']!r}")
         return _bounded_schema(v)
 
 

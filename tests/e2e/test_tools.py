@@ -53,8 +53,28 @@ def test_a_named_function_streams_as_delta_tool_calls(server: Server) -> None:
         model=SMOLLM2_KEY, messages=ASK, tools=[WEATHER, SEARCH], stream=True, temperature=0, max_tokens=80,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         stream_options={"include_usage": True})
+    content, calls, finish, usage, pieces = _joined(stream)
+    assert finish == "tool_calls" and content == ""
+    assert list(calls) == [0] and calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert json.loads(calls[0]["arguments"])["city"] in ("Paris", "Oslo", "Rome")
+    assert usage is not None and usage.completion_tokens > 0
+    assert pieces >= 4  # the arguments came as the model wrote them, token by token (`{"city": "Paris"}` is 6)
+    # Cut by max_tokens while the arguments are being written: what was written, and finish_reason "length".
+    cut = client.chat.completions.create(
+        model=SMOLLM2_KEY, messages=ASK, tools=[WEATHER, SEARCH], stream=True, temperature=0, max_tokens=15,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    content, calls, finish, _usage, _pieces = _joined(cut)
+    assert finish == "length" and content == "" and calls[0]["name"] == "get_weather"
+    assert calls[0]["arguments"].startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(calls[0]["arguments"])
+
+
+def _joined(stream: Any) -> tuple[str, dict[int, dict[str, str]], str | None, Any, int]:
+    """A streamed chat answer as a client puts it together: content, calls by index, finish_reason, usage, and how
+    many pieces of arguments came."""
     calls: dict[int, dict[str, str]] = {}
-    finish, usage, content = None, None, ""
+    finish, usage, content, pieces = None, None, "", 0
     for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
@@ -66,10 +86,8 @@ def test_a_named_function_streams_as_delta_tool_calls(server: Server) -> None:
                 call["id"] += d.id or ""
                 call["name"] += (d.function.name or "") if d.function else ""
                 call["arguments"] += (d.function.arguments or "") if d.function else ""
-    assert finish == "tool_calls" and content == ""
-    assert list(calls) == [0] and calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
-    assert json.loads(calls[0]["arguments"])["city"] in ("Paris", "Oslo", "Rome")
-    assert usage is not None and usage.completion_tokens > 0
+                pieces += bool(d.function and d.function.arguments)
+    return content, calls, finish, usage, pieces
 
 
 def test_the_tiny_model_forced_to_call_returns_a_call_that_validates(server: Server) -> None:
@@ -146,8 +164,8 @@ def test_responses_a_function_call_then_previous_response_id(server: Server) -> 
     assert text and events[-1].response.output[0].content[0].text == text
     calls = list(client.responses.create(model=SMOLLM2_KEY, input="Weather in Oslo?", stream=True, tools=[tool],
                                          tool_choice="required", max_output_tokens=80))
-    args = "".join(e.delta for e in calls if e.type == "response.function_call_arguments.delta")
-    assert json.loads(args)["city"] in ("Paris", "Oslo", "Rome")
+    deltas = [e.delta for e in calls if e.type == "response.function_call_arguments.delta"]
+    assert json.loads("".join(deltas))["city"] in ("Paris", "Oslo", "Rome") and len(deltas) >= 4  # as written
     with httpx.Client(base_url=server.url, timeout=30) as http:
         r = http.post("/v1/responses", json={"model": SMOLLM2_KEY, "input": "hi",
                                              "tools": [{"type": "web_search_preview"}]})
@@ -190,7 +208,7 @@ def test_anthropic_messages_tool_use_round_trip_and_stream(server: Server) -> No
                                 messages=[{"role": "user", "content": "Weather in Rome?"}]) as stream:
         kinds = [event.type for event in stream]
         streamed_call = stream.get_final_message()
-    assert "input_json" in kinds and streamed_call.stop_reason == "tool_use"
+    assert kinds.count("input_json") >= 4 and streamed_call.stop_reason == "tool_use"  # as the model writes it
     (block,) = streamed_call.content
     assert block.type == "tool_use" and block.input["city"] in ("Paris", "Oslo", "Rome")  # type: ignore[union-attr]
     metrics = httpx.get(server.url + "/metrics").text
@@ -215,3 +233,6 @@ def test_anthropic_messages_tool_use_round_trip_and_stream(server: Server) -> No
             {"role": "user", "content": [{"type": "text", "text": 5}]}]})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
         assert "messages.0.content.0.text" in r.text
+        r = http.post("/v1/messages", json={"model": SMOLLM2_KEY, "max_tokens": 8, "messages": ASK, "tools": [
+            {"name": "get_weather", "input_schema": {"type": "string"}}]})  # named as this API names it
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("tools.0.input_schema: "), r.text

@@ -5,6 +5,7 @@ tool support, the schema that forces a call; and the Responses API's bounded sto
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -233,3 +234,112 @@ def test_forced_functions_are_bounded_together() -> None:
     ChatRequest.model_validate(body)  # offered, not forced: fine
     with pytest.raises(ValidationError, match="larger than 64 KB"):
         ChatRequest.model_validate({**body, "tool_choice": "required"})
+
+
+def _forced_text(calls: list[tuple[str, dict]], listed: bool, spacing: str) -> str:
+    """A forced answer as the grammar lets a model write it (any spacing between the JSON's tokens)."""
+    one = [f'{{{spacing}"name":{spacing}{json.dumps(n)},{spacing}"arguments":{spacing}'
+           f'{json.dumps(a, indent=1 if spacing else None)}{spacing}}}' for n, a in calls]
+    return f"[{spacing}{(','+spacing).join(one)}]" if listed else one[0]
+
+
+ARGUMENTS = st.dictionaries(st.text(max_size=5), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='ab"\\{}[],: \n\u00e9', max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(NAMES)), ARGUMENTS), min_size=1, max_size=3), st.booleans(),
+       st.sampled_from(["", " ", "\n  "]), st.lists(st.integers(min_value=1, max_value=9), max_size=40))
+def test_a_forced_call_streams_its_arguments_as_they_are_decoded(
+        calls: list[tuple[str, dict]], listed: bool, spacing: str, cuts: list[int]) -> None:
+    """Whatever the split into tokens: each call starts once its name is complete, its arguments go out in pieces
+    while they are written (a piece before the call's last character arrives), the pieces join to the arguments,
+    and the calls are those the whole answer parses to."""
+    calls = calls if listed else calls[:1]
+    text = _forced_text(calls, listed, spacing)
+    starts = [m.end() for m in re.finditer(r'"arguments":\s*', text)]  # where each call's arguments begin
+    stream, parts, i = tools.ForcedStream(), [], 0
+    for n in [*cuts, len(text)]:
+        parts += stream.feed(text[i : i + n])
+        i += n
+        if parts and not parts[-1].last and starts[parts[-1].index] < i:
+            # nothing of the arguments is held back: what was sent of them reaches the last character fed
+            assert "".join(p.delta for p in parts if p.index == parts[-1].index) == text[starts[parts[-1].index]:i]
+    rest, ends = stream.finish()
+    assert rest == "" and ends == []
+    ended = [p.call for p in parts if p.last]
+    assert [(c.name, json.loads(c.arguments)) for c in ended] == calls
+    assert [(c.name, json.loads(c.arguments)) for c in ended] == \
+        [(c.name, json.loads(c.arguments)) for c in tools.parse(text, "generic", NAMES)[1]]
+    for index, call in enumerate(ended):
+        mine = [p for p in parts if p.index == index]
+        assert mine[0].first and mine[-1].last and all(p.call is call for p in mine)
+        assert "".join(p.delta for p in mine) == call.arguments and call.complete
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(NAMES)), ARGUMENTS), min_size=1, max_size=3), st.booleans(),
+       st.data())
+def test_a_forced_call_cut_by_max_tokens_says_so(calls: list[tuple[str, dict]], listed: bool,
+                                                 data: st.DataObject) -> None:
+    """Cut anywhere: before a name the text is the answer; after one, the last call ends incomplete, its arguments
+    what was written of them."""
+    text = _forced_text(calls if listed else calls[:1], listed, " ")
+    cut = data.draw(st.integers(min_value=0, max_value=len(text) - 1))
+    stream = tools.ForcedStream()
+    parts = stream.feed(text[:cut])
+    rest, ends = stream.finish()
+    if not any(p.first for p in parts):
+        assert rest == text[:cut] and ends == []
+        return
+    assert rest == ""
+    last = (parts + ends)[-1]
+    assert last.last
+    if last.call.complete:  # cut after the arguments, in what closes the call
+        assert isinstance(json.loads(last.call.arguments), dict) and ends == []
+    else:
+        assert text[:cut].endswith(last.call.arguments) and ends == [last]
+    assert all(p.call.complete for p in parts if p.last)  # only the call being written when the cut came is not
+
+
+def test_a_forced_call_sends_its_arguments_before_it_is_finished() -> None:
+    stream = tools.ForcedStream()
+    assert [(p.first, p.call.name) for p in stream.feed('{"name": "get_weather", "argu')] == [(True, "get_weather")]
+    assert [p.delta for p in stream.feed('ments": {"city": "Pa')] == ['{"city": "Pa']
+    assert [p.delta for p in stream.feed('ris"')] == ['ris"']
+    end = stream.feed("}}")
+    assert [(p.delta, p.last) for p in end] == [("}", False), ("", True)]
+    assert end[-1].call.arguments == '{"city": "Paris"}' and end[-1].call.complete
+
+
+@pytest.mark.parametrize(("api", "body", "param"), [
+    ("anthropic", {"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "tools.0.input_schema"),
+    ("anthropic", {"tools": [{"name": "f f", "input_schema": {"type": "object"}}]}, "tools.0.name"),
+    ("anthropic", {"tool_choice": {"type": "tool", "name": "g"}, "tools": [{"name": "f", "input_schema": {}}]},
+     None),  # not a field's fault: the message says which function is missing
+    ("anthropic", {"messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t" * 300, "content": "21"}]}]}, "messages"),
+    ("responses", {"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]},
+     "tools.0.parameters"),
+    ("responses", {"text": {"format": {"type": "json_schema", "schema": {"type": "object", "maxLength": 10**9}}}},
+     "text.format"),
+])
+def test_errors_on_the_agent_apis_name_the_field_their_client_sent(api: str, body: dict, param: str | None) -> None:
+    """/v1/messages and /v1/responses are translated to a chat request: a field that fails there is named as the
+    client's own API calls it (`input_schema`, not `tools.0.function.parameters`)."""
+    from lmsd.http import anthropic, responses
+    from lmsd.http.errors import HttpError
+
+    body = {k: v for k, v in body.items() if v is not None}
+    with pytest.raises(HttpError) as refused:
+        if api == "anthropic":
+            anthropic.to_chat(anthropic.MessagesRequest.model_validate(
+                {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]} | body))
+        else:
+            responses.to_chat(responses.ResponsesRequest.model_validate({"model": "m", "input": "hi", **body}), [])
+    assert refused.value.status == 400
+    if param is not None:
+        assert refused.value.param is not None and refused.value.param.startswith(param), refused.value.message
+        assert refused.value.message.startswith(param) and "function" not in refused.value.param
