@@ -79,6 +79,7 @@ def for_template(template: str | None, messages: list[dict[str, Any]], tools: li
     if shows_tools:
         return messages, tools or None
     knows_tool_role = "tool" in (template or "")
+    called = {c.get("id"): c["function"]["name"] for m in messages for c in m.get("tool_calls") or []}
     out: list[dict[str, Any]] = []
     for m in messages:
         if m.get("tool_calls"):
@@ -86,7 +87,7 @@ def for_template(template: str | None, messages: list[dict[str, Any]], tools: li
             text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
             out.append({"role": "assistant", "content": (m.get("content") or "") + text})
         elif m.get("role") == "tool" and (not knows_tool_role or not system_role):
-            name = m.get("name") or m.get("tool_call_id") or "the function"
+            name = m.get("name") or called.get(m.get("tool_call_id")) or "the function"  # OpenAI's carry only the id
             out.append({"role": "user", "content": f"Result of {name}: {m.get('content', '')}"})
         else:
             out.append({k: v for k, v in m.items() if k in ("role", "content")})

@@ -5,6 +5,7 @@ has no tool support: the generic preamble) and on the generated tiny model (rand
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -101,6 +102,30 @@ def test_the_tiny_model_forced_to_call_returns_a_call_that_validates(server: Ser
         args = json.loads(call.function.arguments)
         assert call.function.name == "get_weather" and args["city"] in ("Paris", "Oslo", "Rome")
         assert set(args) <= {"city", "unit"}
+
+
+def test_a_model_whose_template_shows_tools_runs_the_agent_loop(server: Server, smollm2_file: Path,
+                                                               tmp_path: Path) -> None:
+    """A tiny model carrying a Hermes (Qwen 2.5) template, dropped into the models folder while lmsd runs: JIT-loaded
+    by the first request, the tools shown by its own template, a forced call, then the history with the call and
+    its result rendered by the template too (tests/integration/test_chat_templates.py reads those prompts)."""
+    from tests.support.templates import HERMES
+    from tests.support.tinymodel import write_tiny_model
+
+    server.home.add(write_tiny_model(tmp_path / "h.gguf", smollm2_file, chat_template=HERMES),
+                    "test/hermes-tiny/hermes-tiny.F16.gguf")
+    client: Any = server.openai()
+    first = client.chat.completions.create(model="hermes-tiny", messages=ASK, tools=[WEATHER, SEARCH],
+                                           tool_choice="required", temperature=0, seed=3, max_tokens=200)
+    (call,) = first.choices[0].message.tool_calls
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "search")
+    history = [*ASK, first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "21 degrees"}]
+    second = client.chat.completions.create(model="hermes-tiny", messages=history, tools=[WEATHER, SEARCH],
+                                            temperature=0, max_tokens=8)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result are in the prompt
+    assert [(m["model"], m["origin"]) for m in server.loaded()] == [("hermes-tiny", "jit")]
 
 
 def test_tools_offered_but_not_called_is_plain_content_never_an_error(server: Server) -> None:

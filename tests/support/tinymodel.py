@@ -16,7 +16,9 @@ TOKENIZER_ARRAYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.token_typ
 
 
 def write_tiny_model(dest: Path, tokenizer_from: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
-                     n_ff: int = 128, context_length: int = 2048, seed: int = 0) -> Path:
+                     n_ff: int = 128, context_length: int = 2048, seed: int = 0,
+                     chat_template: str | None = None) -> Path:
+    """`chat_template`: the template the model carries instead of the tokenizer's (SmolLM2's ChatML)."""
     from gguf import GGUFWriter
 
     tok = read_header(tokenizer_from, keep_arrays=TOKENIZER_ARRAYS).fields
@@ -49,8 +51,8 @@ def write_tiny_model(dest: Path, tokenizer_from: Path, *, n_layer: int = 2, n_em
     w.add_bos_token_id(tok["tokenizer.ggml.bos_token_id"])
     w.add_eos_token_id(tok["tokenizer.ggml.eos_token_id"])
     w.add_add_bos_token(False)
-    if "tokenizer.chat_template" in tok:
-        w.add_chat_template(tok["tokenizer.chat_template"])
+    if chat_template is not None or "tokenizer.chat_template" in tok:
+        w.add_chat_template(chat_template if chat_template is not None else tok["tokenizer.chat_template"])
     w.add_tensor("token_embd.weight", rand(n_vocab, n_embd, dtype=np.float16))
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     for i in range(n_layer):
