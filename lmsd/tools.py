@@ -13,7 +13,8 @@ The format is recognised from the chat template, never from the file name (a fin
   is JSON — `{"name", "arguments"}`, a list of those, or `{"tool_calls": [...]}` — possibly in a ```json fence.
 
 In every format plain JSON is understood too (a grammar-forced call is plain JSON, and llama.cpp drops control
-tokens such as `[TOOL_CALLS]` from the text). A call counts only when it names one of the request's functions and
+tokens such as `[TOOL_CALLS]` from the text), and so are the slips real models make in place of their format:
+several calls one after another, doubled braces, a wrapper tag (`_WRAPPERS`). A call counts only when it names one of the request's functions and
 its arguments are a JSON object; anything else stays text. `parse` never raises: malformed output is content.
 """
 
@@ -209,13 +210,20 @@ def parse(text: str, fmt: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     return content, calls
 
 
+# Tags some models wrap a call in although their template asks for another form — Qwen2.5-Coder writes
+# `<function>{...}</function>`, `<function-call>{...}` or `<tools>{...}</tool` (as its users have reported from
+# real runs): read as a call when the answer opens with one.
+_WRAPPERS = ("<function>", "<function-call>", "<function_call>", "<tools>")
+_OPENINGS = ("```", *_WRAPPERS)
+
+
 def starts_call(text: str) -> bool | None:
-    """Whether an answer beginning with `text` is read as a plain-JSON call: True (JSON or a ``` fence), False, or
-    None while it cannot tell yet (blank, or "`" / "``")."""
+    """Whether an answer beginning with `text` is read as a plain-JSON call: True (JSON, a ``` fence or a wrapper
+    tag), False, or None while it cannot tell yet (blank, or the start of a fence or a wrapper: "`", "<func")."""
     head = text.lstrip()
-    if head == "" or (len(head) < 3 and "```".startswith(head)):
+    if head == "" or any(o.startswith(head) and len(head) < len(o) for o in _OPENINGS):
         return None
-    return head[0] in "[{" or head.startswith("```")
+    return head[0] in "[{" or head.startswith(_OPENINGS)
 
 
 class _NotACall(ValueError):
@@ -239,45 +247,69 @@ def _hermes(text: str) -> tuple[str, list[str]]:
 
 
 def _unfenced(body: str) -> str:
-    """A ```json fenced answer without the fence."""
+    """A ```json fenced answer without the fence, and one in a wrapper tag (`_WRAPPERS`) without the tag and
+    whatever there is of its closing tag."""
     if len(body) >= 6 and body.startswith("```") and body.endswith("```"):
         inner = body[3:-3]
         return (inner[4:] if inner.startswith("json") else inner).strip()
+    for tag in _WRAPPERS:
+        if body.startswith(tag):
+            inner = body[len(tag):]
+            last = max(inner.rfind("}"), inner.rfind("]"))
+            tail = inner[last + 1 :].strip()
+            closing = tail == "" or (tail.startswith("</") and len(tail) <= 20 and " " not in tail)
+            return (inner[: last + 1] if closing else inner).strip()
     return body
 
 
 def _parse(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
     if fmt == "hermes" and "<tool_call>" in text:
         outside, bodies = _hermes(text)
-        return outside.strip(), [c for body in bodies for c in _calls(_json(body))]
+        return outside.strip(), [c for body in bodies for c in _calls_in(body)]
     if fmt == "mistral" and "[TOOL_CALLS]" in text:
         before, _, after = text.partition("[TOOL_CALLS]")
         if _MISTRAL_NAMED.match("[TOOL_CALLS]" + after):
             return before.strip(), _mistral_named("[TOOL_CALLS]" + after)
-        return before.strip(), _calls(_json(after))
+        return before.strip(), _calls_in(after)
     if fmt == "llama3" and "<|python_tag|>" in text:
         before, _, after = text.partition("<|python_tag|>")
-        return before.strip(), [c for part in _split_calls(after) for c in _calls(_json(part))]
+        return before.strip(), _calls_in(after)
     body = _unfenced(text.strip())
     if not body or body[0] not in "[{":
         return text, []
-    if fmt == "llama3" and ";" in body:
-        return "", [c for part in _split_calls(body) for c in _calls(_json(part))]
-    return "", _calls(_json(body))
+    return "", _calls_in(body)
 
 
-def _split_calls(text: str) -> list[str]:
-    """`{...}; {...}`: Llama 3's several calls in one answer."""
-    parts: list[str] = []
+def _calls_in(text: str) -> list[ToolCall]:
+    """The calls in `text`: JSON values one after the other, separated by white space or `;` (Llama 3's several
+    calls; one object per line, as Qwen2.5-Coder writes several), each a call or a list of calls. A call written
+    in doubled braces, `{{"name": ...}}` (Qwen 2.5, misled by its template's escaping), is read as one."""
+    calls: list[ToolCall] = []
     rest = text.strip()
     while rest:
         try:
-            _value, end = _DECODER.raw_decode(rest)
+            value, end = _DECODER.raw_decode(rest)
         except ValueError as exc:
-            raise _NotACall(f"not JSON: {exc}") from None
-        parts.append(rest[:end])
+            value, end = _doubled(rest, exc)
+        calls += _calls(value)
         rest = rest[end:].lstrip().removeprefix(";").lstrip()
-    return parts
+    if not calls:
+        raise _NotACall("no JSON")
+    return calls
+
+
+def _doubled(text: str, exc: ValueError) -> tuple[Any, int]:
+    """`{{...}}`: the object inside, and where the outer braces end."""
+    if text.startswith("{{"):
+        try:
+            value, end = _DECODER.raw_decode(text, 1)
+        except ValueError:
+            pass
+        else:
+            after = text[end:].lstrip()
+            if after.startswith("}"):
+                return value, len(text) - len(after) + 1
+    raise _NotACall(f"not JSON: {exc}") from None
 
 
 def _mistral_named(text: str) -> list[ToolCall]:
@@ -294,17 +326,6 @@ def _mistral_named(text: str) -> list[ToolCall]:
         calls.append(_call(m[1], args))
         rest = rest[end:].lstrip()
     return calls
-
-
-def _json(text: str) -> Any:
-    text = text.strip()
-    try:
-        value, end = _DECODER.raw_decode(text)
-    except ValueError as exc:
-        raise _NotACall(f"not JSON: {exc}") from None
-    if text[end:].strip():
-        raise _NotACall("text after the JSON")
-    return value
 
 
 def _calls(value: Any) -> list[ToolCall]:

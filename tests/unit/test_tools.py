@@ -58,6 +58,20 @@ RECORDED = [
      [("search", {"q": "x"})]),
     ("hermes", '{"name": "get_weather", "arguments": {"city": "Paris"}}', "",  # a grammar-forced call: plain JSON
      [("get_weather", {"city": "Paris"})]),
+    # What real models wrote in place of their template's format, as their users reported it from real runs (the
+    # functions are ours; the shapes are theirs).
+    ("hermes", '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```', "",  # Qwen2.5-Coder 14B,
+     [("get_weather", {"city": "Paris"})]),  # at long prompts (ardanlabs/kronk#950)
+    ("hermes", '<function>\n{"name": "search", "arguments": {"q": "x"}}\n</function>', "",  # Qwen2.5-Coder 7B
+     [("search", {"q": "x"})]),  # (ardanlabs/kronk#944), and its 14B's other two wrappers:
+    ("hermes", '<tools> {"name": "search", "arguments": {"q": "x"}} </tool', "", [("search", {"q": "x"})]),
+    ("hermes", '<function-call> {"name": "search", "arguments": {"q": "x"}}', "", [("search", {"q": "x"})]),
+    ("hermes", '{\n"name": "search",\n"arguments": {\n"q": "a"\n}\n}\n{"name": "get_weather", "arguments": {}}',
+     "", [("search", {"q": "a"}), ("get_weather", {})]),  # two calls, one object after the other (opilot#149)
+    ("hermes", '<tool_call>\n{{"name": "search", "arguments": {"q": "1.2.3.4"}}}\n</tool_call>', "",  # Qwen2.5-72B
+     [("search", {"q": "1.2.3.4"})]),  # doubles the braces (QwenLM/Qwen3#924)
+    ("llama3", '```json\n{"name": "search", "parameters": {"q": "install models"}}\n```', "",  # Llama 3.2 3B
+     [("search", {"q": "install models"})]),  # (ollama/ollama#13519)
 ]
 
 
@@ -79,6 +93,9 @@ MALFORMED = [
     ("generic", '{"answer": 42}'),  # JSON, but no call
     ("generic", "The weather in Paris is sunny."),
     ("generic", "[]"),
+    ("hermes", "<function>get_weather is what I would call</function>"),
+    ("hermes", '<tool_call>\n{{"name": "search", "arguments": {}}\n</tool_call>'),  # doubled on one side only
+    ("generic", '<tools>{"name": "search", "arguments": {}}</tools> and then some words'),
 ]
 
 
@@ -128,6 +145,10 @@ def test_a_stream_sends_plain_text_as_it_comes() -> None:
     assert stream.feed("The weather ") == "The weather "
     assert stream.feed("is fine <tool") == "is fine "  # the start of a tag is held
     assert stream.feed("bar>") == "<toolbar>"  # ... until it is not one
+    html = tools.ToolStream()
+    assert html.feed("<") == "" and html.feed("d") == "<d"  # not the start of a wrapper (<function>, <tools>)
+    wrapped = tools.ToolStream()
+    assert wrapped.feed("<func") == "" and wrapped.feed("tion>{") == ""  # a wrapped call is held
 
 
 FN = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
