@@ -261,3 +261,29 @@ def test_anthropic_messages_tool_use_round_trip_and_stream(server: Server) -> No
         r = http.post("/v1/messages", json={"model": SMOLLM2_KEY, "max_tokens": 8, "messages": ASK, "tools": [
             {"name": "get_weather", "input_schema": {"type": "string"}}]})  # named as this API names it
         assert r.status_code == 400 and r.json()["error"]["message"].startswith("tools.0.input_schema: "), r.text
+
+
+def test_lms_log_stream_names_the_agent_endpoints(server: Server) -> None:
+    """A request to /v1/responses or /v1/messages is one line in `lms log stream`, under its own endpoint, refused
+    ones too."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([server.lms.exe, "log", "stream", "--json", "--filter", "request"], env=server.home.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # let the watcher subscribe before the events happen
+        with server.client() as http:
+            assert http.post("/v1/responses", json={"model": "alpha", "input": "hi", "max_output_tokens": 4,
+                                                    "ttl": 30}).status_code == 200
+            assert http.post("/v1/messages", json={"model": "alpha", "max_tokens": 4,
+                                                   "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+            assert http.post("/v1/messages", json={"model": "alpha", "max_tokens": 4, "messages": [
+                {"role": "user", "content": [{"type": "image"}]}]}).status_code == 400
+        events = [json.loads(proc.stdout.readline()) for _ in range(3)]  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [(e["endpoint"], e["status"]) for e in events[:2]] == [("/v1/responses", "ok"), ("/v1/messages", "ok")]
+    assert events[2]["endpoint"] == "/v1/messages" and "'image' are not supported" in events[2]["status"]
+    assert events[0]["identifier"] == "alpha" and events[0]["completion_tokens"] > 0
