@@ -14,8 +14,9 @@ The format is recognised from the chat template, never from the file name (a fin
 
 In every format plain JSON is understood too (a grammar-forced call is plain JSON, and llama.cpp drops control
 tokens such as `[TOOL_CALLS]` from the text), and so are the slips real models make in place of their format:
-several calls one after another, doubled braces, a wrapper tag (`_WRAPPERS`). A call counts only when it names one of the request's functions and
-its arguments are a JSON object; anything else stays text. `parse` never raises: malformed output is content.
+several calls one after another, doubled braces, a wrapper tag (`_WRAPPERS`). A call counts only when it names one
+of the request's functions and its arguments are a JSON object; anything else stays text. `parse` never raises:
+malformed output is content.
 """
 
 from __future__ import annotations
