@@ -81,9 +81,10 @@ def for_template(template: str | None, messages: list[dict[str, Any]], tools: li
     if shows_tools:
         return messages, tools or None
     knows_tool_role = "tool" in (template or "")
-    called = {c.get("id"): c["function"]["name"] for m in messages for c in m.get("tool_calls") or []}
+    called: dict[Any, str] = {}  # call id -> function, of the calls so far (an id may come again later)
     out: list[dict[str, Any]] = []
     for m in messages:
+        called.update((c.get("id"), c["function"]["name"]) for c in m.get("tool_calls") or [])
         if m.get("tool_calls"):
             calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
             text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
@@ -199,8 +200,8 @@ def parse(text: str, fmt: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     function in `names`; otherwise the whole answer is content and the log says why."""
     try:
         content, calls = _parse(text, fmt)
-    except _NotACall as exc:
-        log.info("the model's answer is text, not a tool call: %s", exc)
+    except (_NotACall, RecursionError) as exc:  # RecursionError: JSON nested past what the decoder follows
+        log.info("the model's answer is text, not a tool call: %s", exc or "nested too deeply")
         return text, []
     if not calls:
         return text, []
@@ -286,30 +287,34 @@ def _calls_in(text: str) -> list[ToolCall]:
     calls; one object per line, as Qwen2.5-Coder writes several), each a call or a list of calls. A call written
     in doubled braces, `{{"name": ...}}` (Qwen 2.5, misled by its template's escaping), is read as one."""
     calls: list[ToolCall] = []
-    rest = text.strip()
-    while rest:
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n;":
+            i += 1
+        if i == n:
+            break
         try:
-            value, end = _DECODER.raw_decode(rest)
+            value, i = _DECODER.raw_decode(text, i)
         except ValueError as exc:
-            value, end = _doubled(rest, exc)
+            value, i = _doubled(text, i, exc)
         calls += _calls(value)
-        rest = rest[end:].lstrip().removeprefix(";").lstrip()
     if not calls:
         raise _NotACall("no JSON")
     return calls
 
 
-def _doubled(text: str, exc: ValueError) -> tuple[Any, int]:
-    """`{{...}}`: the object inside, and where the outer braces end."""
-    if text.startswith("{{"):
+def _doubled(text: str, at: int, exc: ValueError) -> tuple[Any, int]:
+    """`{{...}}` at `at`: the object inside, and where the outer braces end."""
+    if text.startswith("{{", at):
         try:
-            value, end = _DECODER.raw_decode(text, 1)
+            value, end = _DECODER.raw_decode(text, at + 1)
         except ValueError:
             pass
         else:
-            after = text[end:].lstrip()
-            if after.startswith("}"):
-                return value, len(text) - len(after) + 1
+            while end < len(text) and text[end] in " \t\r\n":
+                end += 1
+            if text.startswith("}", end):
+                return value, end + 1
     raise _NotACall(f"not JSON: {exc}") from None
 
 
@@ -341,14 +346,26 @@ def _calls(value: Any) -> list[ToolCall]:
             raise _NotACall("a call is not an object")
         if isinstance(item.get("function"), dict):  # OpenAI's own shape, echoed back
             item = item["function"]
+            if "arguments" not in item:
+                raise _NotACall("a function's definition (as the request gave it), not a call")
         name = item.get("name")
         if not isinstance(name, str) or not name:
             raise _NotACall("a call without a name")
         if "arguments" not in item and "parameters" not in item:  # {"name": ...} alone is an answer, not a call
             raise _NotACall(f"{name} is called without arguments")
+        if "arguments" not in item and _defines(item):  # a model repeating the tools its prompt lists
+            raise _NotACall(f"the definition of {name} (as the prompt lists it), not a call")
         args = item["arguments"] if "arguments" in item else item["parameters"]
         calls.append(_call(name, args))
     return calls
+
+
+def _defines(item: dict[str, Any]) -> bool:
+    """Whether `{"name", "parameters", ...}` is a function's definition rather than Llama 3's call: it describes
+    the function, or its parameters are a schema of an object."""
+    params = item.get("parameters")
+    return "description" in item or (isinstance(params, dict) and params.get("type") == "object"
+                                     and isinstance(params.get("properties"), dict))
 
 
 def _call(name: str, args: Any) -> ToolCall:
@@ -374,16 +391,23 @@ class ToolStream:
     lost, it only comes later."""
 
     def __init__(self) -> None:
-        self.held = ""
+        self.held = ""  # short: a blank start, or what may be the start of a marker, a fence or a wrapper
+        self._blank: list[str] = []  # the answer so far, while it is only white space
+        self._rest: list[str] = []  # everything after `held`, once a call may have begun
         self.calling = False  # a call may have begun: everything from there is held
         self.sent = False  # content other than whitespace went out
 
     def feed(self, text: str) -> str:
-        """The content to send now."""
-        held = self.held + text
+        """The content to send now. Each piece is looked at once (pieces are appended to lists, never to a growing
+        string), so a long answer — or a long run of white space — costs linear time."""
         if self.calling:
-            self.held = held
+            self._rest.append(text)
             return ""
+        if not self.sent and not self.held and not text.strip():
+            self._blank.append(text)
+            return ""
+        held = "".join(self._blank) + self.held + text if self._blank else self.held + text
+        self._blank.clear()
         if not self.sent:
             start = starts_call(held)
             if start is None or start:
@@ -404,7 +428,8 @@ class ToolStream:
 
     def finish(self, fmt: str, names: set[str]) -> tuple[str, list[ToolCall]]:
         """The content still to send, and the calls the answer made."""
-        held, self.held = self.held, ""
+        held = "".join(self._blank) + self.held + "".join(self._rest)
+        self.held, self._blank, self._rest = "", [], []
         if not self.calling:
             return held, []
         return parse(held, fmt, names)
@@ -433,103 +458,125 @@ def parts(index: int, call: ToolCall, size: int = 24) -> list[CallPart]:
 class ForcedStream:
     """The answer of a forced call (`call_schema`: `{"name": ..., "arguments": {...}}`, or a list of those), read as
     it is decoded: a call starts once its name is complete, and its arguments go out piece by piece as the model
-    writes them, as OpenAI streams them. The grammar makes the text a call, so nothing has to be held back to be
-    checked; only max_tokens can cut it short (the last part says so: `call.complete` is False). A scan of each
-    character once, tracking strings and nesting: the calls are objects at `depth` (1, or 2 inside a list)."""
+    writes them, as OpenAI streams them. The grammar makes the text a call and stop sequences do not apply to it, so
+    nothing has to be held back to be checked; only max_tokens can cut it short (the last part says so:
+    `call.complete` is False; `cut` says the answer ended inside its JSON). Each character is looked at once,
+    tracking strings and nesting: the calls are objects at `_depth` (1, or 2 inside a list)."""
 
     def __init__(self) -> None:
-        self.text = ""
-        self._pos = 0
+        self._head: list[str] | None = []  # the text until a call starts: the answer, should none start
         self._stack: list[str] = []
         self._in_string = self._escaped = False
-        self._string_at = 0
+        self._literal: list[str] | None = None  # a string at the calls' depth (a key, a name), being read
         self._depth = 0  # the nesting of a call object, known from the first bracket
-        self._key: str | None = None  # the call's key whose value is being read
+        self._key: str | None = None  # the call's key whose value comes next
         self._expect_key = False
         self._call: ToolCall | None = None  # the call being read, once its name is known
-        self._args_at = -1  # where its arguments start in `text`
-        self._args_end = -1  # and end, once they have
-        self._sent = 0  # how much of its arguments went out
+        self._args: list[str] | None = None  # its arguments so far, while they are being written
+        self._unsent: list[str] = []  # ... the part of them not sent yet
+        self._args_done = False  # its arguments are complete ...
+        self._closed = ""  # ... and these
         self.count = 0  # calls started
+        self.cut = False  # the answer ended inside its JSON (set by `finish`)
 
     def feed(self, text: str) -> list[CallPart]:
-        self.text += text
+        if self._head is not None:
+            self._head.append(text)
         out: list[CallPart] = []
-        for i in range(self._pos, len(self.text)):
-            out += self._step(i, self.text[i])
-        self._pos = len(self.text)
-        return out + self._arguments_so_far()
+        args_from = 0 if self._args is not None else -1  # where this piece's part of the arguments begins
+        for i, c in enumerate(text):
+            if self._in_string:
+                if self._literal is not None:
+                    self._literal.append(c)
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+                    if self._literal is not None:
+                        literal, self._literal = "".join(self._literal), None
+                        out += self._string(literal)
+                continue
+            if c == '"':
+                self._in_string = True
+                self._literal = ['"'] if len(self._stack) == self._depth else None
+            elif c in "{[":
+                if not self._stack:
+                    self._depth = 2 if c == "[" else 1
+                self._stack.append(c)
+                if len(self._stack) == self._depth and c == "{":  # a call's object begins
+                    self._key, self._expect_key, self._args_done = None, True, False
+                elif (len(self._stack) == self._depth + 1 and self._key == "arguments" and self._args is None
+                      and not self._args_done):
+                    self._args, args_from = [], i
+            elif c in "}]" and self._stack:
+                self._stack.pop()
+                if len(self._stack) == self._depth and self._args is not None:
+                    out += self._more(text[args_from : i + 1], closing=True)
+                    args_from = -1
+                elif len(self._stack) == self._depth - 1 and self._call is not None:
+                    out += self._end(complete=False)  # a call object without arguments that are an object
+            elif len(self._stack) == self._depth:
+                if c == ":":
+                    self._expect_key = False
+                elif c == ",":
+                    self._expect_key, self._key = True, None
+        if self._args is not None and 0 <= args_from < len(text):
+            out += self._more(text[args_from:])
+        return out
 
     def finish(self) -> tuple[str, list[CallPart]]:
         """The text when no call began (only max_tokens stops a forced answer before its first name), or the end of a
         call cut short."""
         if self.count == 0:
-            return self.text, []
-        if self._call is None:
-            return "", []
-        call, self._call = self._call, None
-        call.arguments, call.complete = self.text[self._args_at:] if self._args_at >= 0 else "", False
-        return "", [CallPart(self.count - 1, call, last=True)]
-
-    def _step(self, i: int, c: str) -> list[CallPart]:
-        if self._in_string:
-            if self._escaped:
-                self._escaped = False
-            elif c == "\\":
-                self._escaped = True
-            elif c == '"':
-                self._in_string = False
-                return self._string(self.text[self._string_at : i + 1])
-            return []
-        if c == '"':
-            self._in_string, self._string_at = True, i
-        elif c in "{[":
-            if not self._stack:
-                self._depth = 2 if c == "[" else 1
-            self._stack.append(c)
-            if len(self._stack) == self._depth and c == "{":
-                self._key, self._expect_key, self._args_at, self._args_end = None, True, -1, -1
-            elif len(self._stack) == self._depth + 1 and self._key == "arguments" and self._args_at < 0:
-                self._args_at = i
-        elif c in "}]" and self._stack:
-            self._stack.pop()
-            if len(self._stack) == self._depth and self._args_at >= 0 and self._args_end < 0:
-                self._args_end = i + 1
-                return self._arguments_so_far(closing=True)
-        elif len(self._stack) == self._depth:
-            if c == ":":
-                self._expect_key = False
-            elif c == ",":
-                self._expect_key, self._key = True, None
-        return []
+            return "".join(self._head or []), []
+        self.cut = bool(self._stack) or self._in_string
+        return "", self._end(complete=False) if self._call is not None else []
 
     def _string(self, literal: str) -> list[CallPart]:
-        if len(self._stack) != self._depth:
-            return []
         try:
             value = json.loads(literal)
         except ValueError:
             return []
         if self._expect_key:
-            self._key = value
+            self._key = value if isinstance(value, str) else None
             return []
-        if self._key == "name" and self._call is None:
-            self._call, self._sent = ToolCall(value, ""), 0
-            self.count += 1
-            first = [CallPart(self.count - 1, self._call, first=True)]
-            return first + self._arguments_so_far(closing=True) if self._args_end >= 0 else first
-        return []
+        if self._key != "name" or self._call is not None or not isinstance(value, str):
+            return []
+        self._call, self._head = ToolCall(value, ""), None
+        self.count += 1
+        out = [CallPart(self.count - 1, self._call, first=True)]
+        if self._args_done:  # arguments written before the name (not in the grammar's order)
+            return out + self._end(complete=True)
+        return out + self._more("")
 
-    def _arguments_so_far(self, closing: bool = False) -> list[CallPart]:
-        """The arguments written since the last part (all of them, and the call's end, when `closing`)."""
-        call = self._call
-        if call is None or self._args_at < 0:
-            return []
-        end = self._args_end if self._args_end >= 0 else len(self.text)
-        delta = self.text[self._args_at + self._sent : end]
-        self._sent += len(delta)
-        out = [CallPart(self.count - 1, call, delta)] if delta else []
+    def _more(self, piece: str, closing: bool = False) -> list[CallPart]:
+        """More of the arguments: sent as a part once the call has a name; with `closing`, their end."""
+        args = self._args if self._args is not None else []
+        if piece:
+            args.append(piece)
+            self._unsent.append(piece)
         if closing:
-            call.arguments, self._call = self.text[self._args_at : end], None
-            out.append(CallPart(self.count - 1, call, last=True))
-        return out
+            self._args, self._args_done, self._closed = None, True, "".join(args)
+        if self._call is None:
+            return []
+        delta, self._unsent = "".join(self._unsent), []
+        out = [CallPart(self.count - 1, self._call, delta)] if delta else []
+        return out + self._end(complete=True) if closing else out
+
+    def _end(self, complete: bool) -> list[CallPart]:
+        """The last part of the call being read: its arguments whole (or what was written of them)."""
+        call, self._call = self._call, None
+        assert call is not None
+        out = []
+        if self._unsent:
+            out.append(CallPart(self.count - 1, call, "".join(self._unsent)))
+            self._unsent = []
+        if self._args_done:
+            call.arguments = self._closed
+        else:
+            call.arguments = "".join(self._args or [])
+        self._args = None
+        call.complete = complete and self._args_done
+        return [*out, CallPart(self.count - 1, call, last=True)]

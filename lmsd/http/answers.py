@@ -5,6 +5,7 @@ in how they shape it."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.requests import Request
 
@@ -20,11 +21,28 @@ async def collect(request: Request, inference: Inference, gen: Generation,
     return tools.parse(text, gen.done.get("tool_format", "generic"), names) if names else (text, [])
 
 
-async def stream(inference: Inference, gen: Generation, names: set[str],
+@dataclass
+class Told:
+    """What a streamed answer's calls came to, for its finish reason (filled in by `stream`)."""
+
+    calls: int = 0  # calls sent whole
+    cut: bool = False  # max_tokens cut the answer inside its calls: what was sent of them is not all
+
+
+async def stream(inference: Inference, gen: Generation, names: set[str], told: Told,
                  forced: bool = False) -> AsyncIterator[str | tools.CallPart | HttpError]:
     """The answer as it comes: text pieces and the parts of its calls; an HttpError ends it. A forced call
     (`forced`: the grammar makes the answer one) streams its arguments as they are decoded; a call the model chose
     to make is held until it is complete and checked, so that malformed output is still sent as text."""
+    async for part in _parts(inference, gen, names, forced, told):
+        if isinstance(part, tools.CallPart) and part.last:
+            told.calls += part.call.complete
+            told.cut = told.cut or not part.call.complete
+        yield part
+
+
+async def _parts(inference: Inference, gen: Generation, names: set[str], forced: bool,
+                 told: Told) -> AsyncIterator[str | tools.CallPart | HttpError]:
     if forced:
         reader = tools.ForcedStream()
         async for piece in inference.tokens(gen):
@@ -38,6 +56,7 @@ async def stream(inference: Inference, gen: Generation, names: set[str],
             yield rest
         for part in ends:
             yield part
+        told.cut = reader.cut  # also between calls: the ones sent are whole, but not all there were
         return
     held = tools.ToolStream() if names else None
     async for piece in inference.tokens(gen):
@@ -56,6 +75,6 @@ async def stream(inference: Inference, gen: Generation, names: set[str],
                 yield part
 
 
-def finish_reason(gen: Generation, calls: bool) -> str:
-    """`tool_calls` when the answer made (complete) calls, else why it stopped."""
-    return "tool_calls" if calls else str(gen.done.get("finish_reason", "stop"))
+def finish_reason(gen: Generation, calls: bool, cut: bool = False) -> str:
+    """`tool_calls` when the answer made calls, `length` when max_tokens cut them short, else why it stopped."""
+    return "length" if cut else "tool_calls" if calls else str(gen.done.get("finish_reason", "stop"))

@@ -152,8 +152,10 @@ def to_chat(body: MessagesRequest) -> ChatRequest:
 
 
 
-def _stop(gen: Generation, calls: bool, stops: list[str]) -> tuple[str, str | None]:
-    """stop_reason and stop_sequence."""
+def _stop(gen: Generation, calls: bool, stops: list[str], cut: bool = False) -> tuple[str, str | None]:
+    """stop_reason and stop_sequence (`cut`: max_tokens cut the calls short)."""
+    if cut:
+        return "max_tokens", None
     if calls:
         return "tool_use", None
     if gen.done.get("finish_reason") == "length":
@@ -199,8 +201,8 @@ def router(inference: Inference) -> APIRouter:
             yield event("message_start", message={**shell, "content": [], "stop_reason": None, "stop_sequence": None,
                                                   "usage": {"input_tokens": 0, "output_tokens": 0}})
             yield event("ping")
-            index, text_open, calls = 0, False, False
-            async for piece in answers.stream(inference, gen, names, forced=bool(chat.forced)):
+            index, text_open, told = 0, False, answers.Told()
+            async for piece in answers.stream(inference, gen, names, told, forced=bool(chat.forced)):
                 if isinstance(piece, HttpError):
                     yield event("error", error=anthropic_error(piece)["error"])
                     return
@@ -223,10 +225,9 @@ def router(inference: Inference) -> APIRouter:
                 elif piece.last:
                     yield event("content_block_stop", index=index)
                     index += 1
-                    calls = piece.call.complete
             if text_open:
                 yield event("content_block_stop", index=index)
-            reason, sequence = _stop(gen, calls, stops)
+            reason, sequence = _stop(gen, told.calls > 0, stops, told.cut)
             # The prompt's size is known once the worker is done: message_start said 0, this says it (the SDKs take
             # the usage of message_delta over message_start's).
             yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence}, usage=_usage(gen))

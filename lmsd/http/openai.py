@@ -59,8 +59,8 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
             return sse({**chunk, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]})
 
         yield delta({"role": "assistant", "content": ""})
-        calls = False
-        async for piece in answers.stream(inference, gen, names, forced=bool(body.forced)):
+        told = answers.Told()
+        async for piece in answers.stream(inference, gen, names, told, forced=bool(body.forced)):
             if isinstance(piece, HttpError):
                 yield sse(error_body(piece.status, piece.message, piece.param, piece.code))
                 return
@@ -72,10 +72,9 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
                                                                                       "arguments": ""}}]})
             elif piece.delta:
                 yield delta({"tool_calls": [{"index": piece.index, "function": {"arguments": piece.delta}}]})
-            elif piece.last:
-                calls = piece.call.complete
-        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                         "finish_reason": answers.finish_reason(gen, calls)}], **extra(gen)})
+        finish = answers.finish_reason(gen, told.calls > 0, told.cut)
+        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}],
+                   **extra(gen)})
         if body.include_usage:
             yield sse({**chunk, "choices": [], "usage": gen.usage()})
         yield sse("[DONE]")

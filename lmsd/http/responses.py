@@ -237,10 +237,11 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                  "text": body.text or {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
                  "error": None, "incomplete_details": None, "usage": None}
 
-        def final(output: list[dict[str, Any]], content: str, calls: list[tools.ToolCall]) -> dict[str, Any]:
+        def final(output: list[dict[str, Any]], content: str, calls: list[tools.ToolCall],
+                  calls_cut: bool = False) -> dict[str, Any]:
             if body.store:
                 kept.put(rid, conversation + _calls_as_messages(content, calls))
-            cut = gen.done.get("finish_reason") == "length" and not calls
+            cut = calls_cut or (gen.done.get("finish_reason") == "length" and not calls)
             return {**shell, "status": "incomplete" if cut else "completed", "output": output,
                     "incomplete_details": {"reason": "max_output_tokens"} if cut else None, "usage": _usage(gen)}
 
@@ -272,7 +273,8 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                         event("response.output_item.done", output_index=len(output) - 1, item=item)]
 
             open_message = False
-            async for piece in answers.stream(inference, gen, names, forced=bool(chat.forced)):
+            told = answers.Told()
+            async for piece in answers.stream(inference, gen, names, told, forced=bool(chat.forced)):
                 if isinstance(piece, HttpError):
                     yield event("error", code=piece.code, message=piece.message, param=piece.param)
                     yield event("response.failed", response={
@@ -317,7 +319,7 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                                 part={"type": "output_text", "text": "", "annotations": []})
                 for e in close_message():
                     yield e
-            done = final(output, text, calls)
+            done = final(output, text, calls, told.cut)
             yield event("response.completed" if done["status"] == "completed" else "response.incomplete",
                         response=done)
 

@@ -280,6 +280,10 @@ class FunctionDef(BaseModel):
         if v is not None and v.get("type", "object") != "object":
             raise ValueError(f"must be a JSON schema of type 'object' (a call's arguments are an object), "
                              f"not of type {v['type']!r}")
+        overriding = sorted(k for k in ("anyOf", "oneOf", "allOf", "$ref", "enum", "const", "not") if k in (v or {}))
+        if overriding:
+            raise ValueError(f"must be an object schema at its top: {', '.join(overriding)} there could make the "
+                             "arguments something else (put them inside `properties`)")
         return _bounded_schema(v)
 
 
@@ -443,6 +447,7 @@ class ChatRequest(_Sampling):
                                for f in self.functions]
         if self.forced:
             params["response_format"] = {"type": "json_schema", "json_schema": {"schema": self._call_schema()}}
+            params["forced_call"] = True
         return params
 
 

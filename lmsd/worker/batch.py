@@ -126,6 +126,8 @@ class BatchEngine:
                 from lmsd.tools import family
 
                 tool_format = family(self.llm.metadata.get("tokenizer.chat_template"))
+            if params.get("forced_call"):  # its grammar ends it: a stop string inside its JSON must not cut it
+                stops = []
         else:
             text = str(params.get("prompt") or "")
             prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)

@@ -69,6 +69,12 @@ def test_a_named_function_streams_as_delta_tool_calls(server: Server) -> None:
     assert calls[0]["arguments"].startswith("{")
     with pytest.raises(ValueError):
         json.loads(calls[0]["arguments"])
+    # Stop sequences do not cut a forced call (its grammar ends it): a quote is in every call's JSON.
+    stopped = client.chat.completions.create(
+        model=SMOLLM2_KEY, messages=ASK, tools=[WEATHER, SEARCH], temperature=0, max_tokens=80, stop=['"', "city"],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert stopped.choices[0].finish_reason == "tool_calls"
+    assert json.loads(stopped.choices[0].message.tool_calls[0].function.arguments)["city"] in ("Paris", "Oslo", "Rome")
 
 
 def _joined(stream: Any) -> tuple[str, dict[int, dict[str, str]], str | None, Any, int]:
@@ -123,8 +129,8 @@ def test_a_model_whose_template_shows_tools_runs_the_agent_loop(server: Server, 
                {"role": "tool", "tool_call_id": call.id, "content": "21 degrees"}]
     second = client.chat.completions.create(model="hermes-tiny", messages=history, tools=[WEATHER, SEARCH],
                                             temperature=0, max_tokens=8)
-    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result are in the prompt
+    # The call (<tool_call>, its name and arguments) and its result (<tool_response>) are in the prompt.
+    assert second.usage.prompt_tokens >= first.usage.prompt_tokens + 20
     assert [(m["model"], m["origin"]) for m in server.loaded()] == [("hermes-tiny", "jit")]
 
 

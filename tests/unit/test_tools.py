@@ -317,11 +317,14 @@ def test_a_forced_call_cut_by_max_tokens_says_so(calls: list[tuple[str, dict]], 
         return
     assert rest == ""
     last = (parts + ends)[-1]
-    assert last.last
+    assert last.last and stream.cut  # the answer ended inside its JSON
+    start = [m.end() for m in re.finditer(r'"arguments":\s*', text)][last.index]
     if last.call.complete:  # cut after the arguments, in what closes the call
-        assert isinstance(json.loads(last.call.arguments), dict) and ends == []
-    else:
-        assert text[:cut].endswith(last.call.arguments) and ends == [last]
+        assert last.call.arguments == text[start : start + len(last.call.arguments)] and ends == []
+        assert isinstance(json.loads(last.call.arguments), dict)
+    else:  # what was written of the arguments, nothing when the cut came before them
+        assert last.call.arguments == text[start:cut] if cut > start else last.call.arguments == ""
+        assert ends == [last]
     assert all(p.call.complete for p in parts if p.last)  # only the call being written when the cut came is not
 
 
@@ -364,3 +367,67 @@ def test_errors_on_the_agent_apis_name_the_field_their_client_sent(api: str, bod
     if param is not None:
         assert refused.value.param is not None and refused.value.param.startswith(param), refused.value.message
         assert refused.value.message.startswith(param) and "function" not in refused.value.param
+
+
+def test_a_forced_call_list_cut_between_calls_is_cut_and_odd_arguments_end_their_call() -> None:
+    stream = tools.ForcedStream()
+    parts = stream.feed('[{"name": "search", "arguments": {"q": "a"}}, {"na')
+    assert [(p.call.name, p.last, p.call.complete) for p in parts if p.last] == [("search", True, True)]
+    assert stream.finish() == ("", []) and stream.cut  # the first call is whole; the list is not
+    # Arguments that are not an object (no schema we accept makes them so): the call ends incomplete, the next reads.
+    odd = tools.ForcedStream()
+    parts = odd.feed('[{"name": "search", "arguments": "x"}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]')
+    ended = [(p.call.name, p.call.arguments, p.call.complete) for p in parts if p.last]
+    assert ended == [("search", "", False), ("get_weather", '{"city": "Oslo"}', True)]
+    assert odd.finish() == ("", []) and not odd.cut
+
+
+def test_a_model_repeating_the_tools_from_its_prompt_makes_no_call() -> None:
+    """Small models echo their prompt: the tools as the generic preamble lists them, or inside <tools> as Hermes
+    templates print them, are definitions, not calls."""
+    fns = [{"type": "function", "function": {"name": n, "description": "d", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}}}}} for n in sorted(NAMES)]
+    preamble_lines = "\n".join(json.dumps(f["function"]) for f in fns)
+    hermes_block = "<tools>\n" + "\n".join(json.dumps(f) for f in fns) + "\n</tools>"
+    bare = '{"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}'
+    for fmt, text in [("generic", preamble_lines), ("hermes", hermes_block), ("generic", json.dumps(fns)),
+                      ("llama3", bare)]:
+        assert tools.parse(text, fmt, NAMES) == (text, []), text
+
+
+def test_parsing_never_raises_on_json_nested_past_the_decoder() -> None:
+    for text in ["[" * 5000, '{"a":' * 5000, "<tool_call>" + "[" * 5000, "{{" + "[" * 5000 + "]" * 5000 + "}}"]:
+        for fmt in tools.FAMILIES:
+            assert tools.parse(text, fmt, NAMES) == (text, [])
+
+
+def test_a_result_is_named_by_the_latest_call_with_its_id() -> None:
+    """Clients that send no ids get `call_0` in every message: a result belongs to the call just before it."""
+    def call(name: str) -> dict:
+        return {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": name, "arguments": "{}"}}]}
+
+    history = [{"role": "user", "content": "go"}, call("get_weather"),
+               {"role": "tool", "tool_call_id": "call_0", "content": "21 degrees"}, call("search"),
+               {"role": "tool", "tool_call_id": "call_0", "content": "3 hits"}]
+    out, _ = tools.for_template("{{ messages }}", history, [FN], shows_tools=False)
+    results = [m["content"] for m in out if m["content"].startswith("Result of")]
+    assert results == ["Result of get_weather: 21 degrees", "Result of search: 3 hits"]
+
+
+@pytest.mark.parametrize("parameters", [{"type": "string"}, {"anyOf": [{"type": "object"}, {"type": "string"}]},
+                                        {"type": "object", "anyOf": [{"type": "string"}]},
+                                        {"$ref": "#/$defs/A", "$defs": {"A": {"type": "object"}}}])
+def test_parameters_must_be_an_object_schema_at_the_top(parameters: dict) -> None:
+    """Anything else could make a forced call's arguments something other than an object (llama.cpp's grammar
+    gives anyOf the upper hand over type), as OpenAI's API refuses it."""
+    from pydantic import ValidationError
+
+    from lmsd.http.schemas import ChatRequest
+
+    with pytest.raises(ValidationError, match="object"):
+        ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": parameters}}]})
+    ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {}}},
+        {"type": "function", "function": {"name": "g", "parameters": {"properties": {"a": {"anyOf": [{}]}}}}}]})
