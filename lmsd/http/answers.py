@@ -56,7 +56,7 @@ async def _parts(inference: Inference, gen: Generation, names: set[str], forced:
             yield rest
         for part in ends:
             yield part
-        told.cut = reader.cut  # also between calls: the ones sent are whole, but not all there were
+        told.cut = told.cut or reader.cut  # also between calls: the ones sent are whole, but not all there were
         return
     held = tools.ToolStream() if names else None
     async for piece in inference.tokens(gen):

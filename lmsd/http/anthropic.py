@@ -151,7 +151,6 @@ def to_chat(body: MessagesRequest) -> ChatRequest:
     return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None}, _OUR_FIELDS)
 
 
-
 def _stop(gen: Generation, calls: bool, stops: list[str], cut: bool = False) -> tuple[str, str | None]:
     """stop_reason and stop_sequence (`cut`: max_tokens cut the calls short)."""
     if cut:

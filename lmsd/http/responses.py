@@ -183,7 +183,6 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[Chat
     return validate(AgentChatRequest, {k: v for k, v in chat.items() if v is not None}, _OUR_FIELDS), conversation
 
 
-
 def _usage(gen: Generation) -> dict[str, Any]:
     u = gen.usage()
     return {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
