@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -431,3 +432,30 @@ def test_parameters_must_be_an_object_schema_at_the_top(parameters: dict) -> Non
     ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {}}},
         {"type": "function", "function": {"name": "g", "parameters": {"properties": {"a": {"anyOf": [{}]}}}}}]})
+
+
+RECORDINGS = sorted((Path(__file__).parents[1] / "data" / "tool_outputs").glob("*.json"))
+
+
+def test_there_are_recordings_of_real_models() -> None:
+    assert RECORDINGS  # an empty folder must not pass as "every recording reads right"
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)
+def test_what_real_models_wrote_reads_as_it_was_judged_when_recorded(path: Path) -> None:
+    """Answers a real model wrote to chats offering tools, as lmsd renders them (scripts/record_tool_outputs.py:
+    SmolLM2 answers in prose, in Python, repeats the tool definitions from its prompt as JSON — cut short or not —
+    and repeats a call after its result). Each reads as it was judged when recorded, whole and streamed in any
+    split."""
+    data = json.loads(path.read_text())
+    names = {t["function"]["name"] for t in data["tools"]}
+    for recording in data["recordings"]:
+        text = recording["output"]
+        content, calls = tools.parse(text, data["format"], names)
+        got = {"content": content, "calls": [{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls]}
+        assert got == recording["read_as"], text
+        stream = tools.ToolStream()
+        sent = "".join(stream.feed(text[i : i + 2]) for i in range(0, len(text), 2))
+        rest, streamed = stream.finish(data["format"], names)
+        assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+        assert (sent + rest).strip() == content.strip() if calls else sent + rest == text
