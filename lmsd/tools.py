@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,11 +196,13 @@ _DECODER = json.JSONDecoder()
 _MISTRAL_NAMED = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.\-]+)\s*\[ARGS\]\s*")
 
 
-def parse(text: str, fmt: str, names: set[str]) -> tuple[str, list[ToolCall]]:
+def parse(text: str, fmt: str, names: Collection[str]) -> tuple[str, list[ToolCall]]:
     """(content, calls) from a model's answer. Calls are read only when every one of them is well formed and names a
-    function in `names`; otherwise the whole answer is content and the log says why."""
+    function in `names` (a mapping of names to their parameters' schemas types the arguments of calls written as
+    XML); otherwise the whole answer is content and the log says why."""
+    schemas = names if isinstance(names, Mapping) else {}
     try:
-        content, calls = _parse(text, fmt)
+        content, calls = _parse(text, fmt, schemas)
     except (_NotACall, RecursionError) as exc:  # RecursionError: JSON nested past what the decoder follows
         log.info("the model's answer is text, not a tool call: %s", exc or "nested too deeply")
         return text, []
@@ -264,10 +267,10 @@ def _unfenced(body: str) -> str:
     return body
 
 
-def _parse(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
+def _parse(text: str, fmt: str, schemas: Mapping[str, Any]) -> tuple[str, list[ToolCall]]:
     if fmt == "hermes" and "<tool_call>" in text:
         outside, bodies = _hermes(text)
-        return outside.strip(), [c for body in bodies for c in _calls_in(body)]
+        return outside.strip(), [c for body in bodies for c in _xml_call(body, schemas) or _calls_in(body)]
     if fmt == "mistral" and "[TOOL_CALLS]" in text:
         before, _, after = text.partition("[TOOL_CALLS]")
         if _MISTRAL_NAMED.match("[TOOL_CALLS]" + after):
@@ -280,6 +283,45 @@ def _parse(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
     if not body or body[0] not in "[{":
         return text, []
     return "", _calls_in(body)
+
+
+def _xml_call(body: str, schemas: Mapping[str, Any]) -> list[ToolCall]:
+    """A call written as XML inside <tool_call> — Qwen3-Coder's `<function=NAME><parameter=KEY>VALUE</parameter>
+    ...</function>`, GLM-4.5's `NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...` — or [] when the body is
+    not one. A value is text, or the JSON it spells where the function's schema does not make it a string."""
+    body = body.strip()
+    if body.startswith("<function="):
+        name, _, rest = body[len("<function="):].partition(">")
+        key_open, key_close, value_close = "<parameter=", ">", "</parameter>"
+    elif "<arg_key>" in body and not body.startswith(("{", "[")):
+        name, _, rest = body.partition("<arg_key>")
+        rest = "<arg_key>" + rest
+        key_open, key_close, value_close = "<arg_key>", "</arg_key>", "</arg_value>"
+    else:
+        return []
+    name = name.strip()
+    props = (schemas.get(name) or {}).get("properties") or {}
+    args: dict[str, Any] = {}
+    while (start := rest.find(key_open)) >= 0:
+        key, found, rest = rest[start + len(key_open):].partition(key_close)
+        if not found:
+            raise _NotACall(f"a parameter of {name} is cut short")
+        value, _, rest = rest.partition(value_close)
+        if key_open == "<arg_key>":
+            value = value.strip().removeprefix("<arg_value>")
+        args[key.strip()] = _typed(value.strip("\n"), props.get(key.strip()))
+    return [_call(name, args)]
+
+
+def _typed(value: str, schema: Any) -> Any:
+    """A parameter written as text: itself where the schema says string, else the JSON it spells (if it does)."""
+    kinds = (schema or {}).get("type") if isinstance(schema, dict) else None
+    if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _calls_in(text: str) -> list[ToolCall]:
@@ -426,7 +468,7 @@ class ToolStream:
         self.sent = self.sent or bool(text.strip())
         return text
 
-    def finish(self, fmt: str, names: set[str]) -> tuple[str, list[ToolCall]]:
+    def finish(self, fmt: str, names: Collection[str]) -> tuple[str, list[ToolCall]]:
         """The content still to send, and the calls the answer made."""
         held = "".join(self._blank) + self.held + "".join(self._rest)
         self.held, self._blank, self._rest = "", [], []

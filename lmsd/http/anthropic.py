@@ -56,9 +56,13 @@ def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise _refuse("content must be a string or a list of content blocks", param)
+    kept = []
     for n, block in enumerate(content):
         where = f"{param}.{n}"
         kind = block.get("type") if isinstance(block, dict) else None
+        if kind in _UNSEEN:  # another model's reasoning, from a conversation begun elsewhere: not for this one
+            continue
+        kept.append(block)
         if kind not in ("text", "tool_use", "tool_result"):
             raise _refuse(f"content blocks of type '{kind}' are not supported; send text, tool_use and tool_result "
                           "(this server runs text models)", f"{where}.type")
@@ -69,19 +73,31 @@ def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
             raise _refuse("a tool_use block needs `name` (a string) and `input` (an object)", where)
         if kind == "tool_result":
             _result_text(block.get("content"), f"{where}.content")
-    return content
+    return kept
+
+
+_UNSEEN = ("thinking", "redacted_thinking")
 
 
 def _result_text(content: Any, param: str) -> str:
-    """A tool result's or a system prompt's text: a string, or text blocks."""
+    """A tool result's or a system prompt's text: a string, or text blocks (images and documents in a tool result
+    become a line saying they were left out)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
-                                         and isinstance(b.get("text"), str) for b in content):
-        return "\n".join(b["text"] for b in content)
-    raise _refuse("must be a string or a list of text blocks (images are not supported)", param)
+    if not isinstance(content, list):
+        raise _refuse("must be a string or a list of text blocks", param)
+    texts = []
+    for n, b in enumerate(content):
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            texts.append(b["text"])
+        elif kind in ("image", "document") and param != "system":
+            texts.append(answers.omitted(kind))
+        else:
+            raise _refuse("must be a string or a list of text blocks", f"{param}.{n}")
+    return "\n".join(texts)
 
 
 def to_messages(body: MessagesRequest) -> list[dict[str, Any]]:
@@ -131,7 +147,8 @@ def _tools(body: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
         choice = kind
     elif kind is not None:
         raise _refuse(f"tool_choice of type '{kind}' is not supported", "tool_choice.type")
-    parallel = not (body.tool_choice or {}).get("disable_parallel_tool_use", False) if choice == "required" else None
+    single = bool((body.tool_choice or {}).get("disable_parallel_tool_use", False))
+    parallel = False if single else (True if choice == "required" else None)
     return out or None, (choice, parallel)
 
 
@@ -164,9 +181,12 @@ def _stop(gen: Generation, calls: bool, stops: list[str], cut: bool = False) -> 
 
 
 def _usage(gen: Generation) -> dict[str, Any]:
+    """Anthropic's meaning: `input_tokens` are the prompt's tokens not read from the cache; clients add
+    `cache_read_input_tokens` to them for the prompt's size."""
     u = gen.usage()
-    return {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
-            "cache_read_input_tokens": u["prompt_tokens_details"]["cached_tokens"], "cache_creation_input_tokens": 0}
+    cached = u["prompt_tokens_details"]["cached_tokens"]
+    return {"input_tokens": u["prompt_tokens"] - cached, "output_tokens": u["completion_tokens"],
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
 def _tool_use(call: tools.ToolCall) -> dict[str, Any]:
@@ -182,12 +202,11 @@ def router(inference: Inference) -> APIRouter:
         body = validate(MessagesRequest, await read_json(request))
         chat = to_chat(body)
         gen = await inference.start(request, chat, "chat", "/v1/messages")
-        names = {f.name for f in chat.functions}
         stops = body.stop_sequences or []
         shell = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
                  "model": gen.identifier}
         if not body.stream:
-            text, calls = await answers.collect(request, inference, gen, names)
+            text, calls = await answers.collect(request, inference, gen, chat)
             reason, sequence = _stop(gen, bool(calls), stops)
             content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
             return JSONResponse({**shell, "content": content, "stop_reason": reason, "stop_sequence": sequence,
@@ -201,7 +220,7 @@ def router(inference: Inference) -> APIRouter:
                                                   "usage": {"input_tokens": 0, "output_tokens": 0}})
             yield event("ping")
             index, text_open, told = 0, False, answers.Told()
-            async for piece in answers.stream(inference, gen, names, told, forced=bool(chat.forced)):
+            async for piece in answers.stream(inference, gen, chat, told):
                 if isinstance(piece, HttpError):
                     yield event("error", error=anthropic_error(piece)["error"])
                     return

@@ -39,9 +39,8 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
     gen = await inference.start(request, body, "chat", endpoint)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     base = {"id": rid, "created": created, "model": gen.identifier, "system_fingerprint": gen.identifier}
-    names = {f.name for f in body.functions}
     if not body.stream:
-        content, calls = await answers.collect(request, inference, gen, names)
+        content, calls = await answers.collect(request, inference, gen, body)
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
         if calls:
             message["tool_calls"] = [c.openai() for c in calls]
@@ -60,7 +59,7 @@ async def chat_completion(request: Request, inference: Inference, endpoint: str,
 
         yield delta({"role": "assistant", "content": ""})
         told = answers.Told()
-        async for piece in answers.stream(inference, gen, names, told, forced=bool(body.forced)):
+        async for piece in answers.stream(inference, gen, body, told):
             if isinstance(piece, HttpError):
                 yield sse(error_body(piece.status, piece.message, piece.param, piece.code))
                 return

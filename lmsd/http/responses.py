@@ -53,6 +53,8 @@ class ResponsesRequest(BaseModel):
     store: StrictBool = True
     previous_response_id: str | None = Field(default=None, max_length=256)
     text: dict[str, Any] | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: StrictBool | None = None
 
 
 class Store:
@@ -88,8 +90,10 @@ def _refuse(message: str, param: str) -> HttpError:
     return HttpError(400, message, param=param, code="unsupported_parameter")
 
 
-def _text(content: Any, param: str) -> str:
-    """A message's content: a string, or parts of type input_text / output_text (text), nothing else."""
+def _text(content: Any, param: str, tool_output: bool = False) -> str:
+    """A message's content: a string, or parts of type input_text / output_text (text); a refusal part (another
+    model's) is left out. In a function's output, images and files become a line saying they were left out: the
+    output stays in the conversation, so refusing it would refuse every later turn."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -97,6 +101,11 @@ def _text(content: Any, param: str) -> str:
     texts = []
     for n, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal":
+            continue
+        if tool_output and kind in ("input_image", "input_file"):
+            texts.append(answers.omitted("image" if kind == "input_image" else "file"))
+            continue
         if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
             raise _refuse(f"content parts of type '{kind}' are not supported; send input_text (this server runs "
                           "text models)", f"{param}.{n}")
@@ -112,6 +121,8 @@ def to_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     for n, item in enumerate(items):
         kind = item.get("type", "message")
         param = f"input.{n}"
+        if kind in ("reasoning", "item_reference"):  # another model's reasoning, or a stored item: not ours
+            continue
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
@@ -123,15 +134,14 @@ def to_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             call = {"id": str(item.get("call_id") or item.get("id") or f"call_{n}"), "type": "function",
                     "function": {"name": item["name"], "arguments": item.get("arguments", "{}")}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None \
-                    and not last.get("content"):
-                last["tool_calls"].append(call)
+            if last is not None and last["role"] == "assistant":  # the text and the calls of one answer
+                last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output", "")
-            messages.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")),
-                             "content": output if isinstance(output, str) else json.dumps(output)})
+            text = output if isinstance(output, str) else _text(output, f"{param}.output", tool_output=True)
+            messages.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")), "content": text})
         else:
             raise _refuse(f"input items of type '{kind}' are not supported; send messages, function_call and "
                           "function_call_output items", f"{param}.type")
@@ -192,8 +202,15 @@ def _usage(gen: Generation) -> dict[str, Any]:
 
 
 def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    """The answer's text as an output item (`incomplete` when max_output_tokens cut it; no content yet while
+    `in_progress`)."""
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []}
+            "content": [] if status == "in_progress" else [{"type": "output_text", "text": text, "annotations": [],
+                                                            "logprobs": []}]}
+
+
+def _text_status(gen: Generation) -> str:
+    return "incomplete" if gen.done.get("finish_reason") == "length" else "completed"
 
 
 def _call_item(call: tools.ToolCall, status: str = "completed") -> dict[str, Any]:
@@ -216,6 +233,10 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
     @r.post("/v1/responses")
     async def responses(request: Request) -> Response:
         body = validate(ResponsesRequest, await read_json(request))
+        if body.conversation is not None or body.background:
+            param = "conversation" if body.conversation is not None else "background"
+            raise _refuse(f"`{param}` is not supported: this server keeps no conversations or background "
+                          "responses; continue one with previous_response_id", param)
         history: list[dict[str, Any]] = []
         if body.previous_response_id:
             found = kept.get(body.previous_response_id)
@@ -226,12 +247,11 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
             history = found
         chat, conversation = to_chat(body, history)
         gen = await inference.start(request, chat, "chat", "/v1/responses")
-        names = {f.name for f in chat.functions}
         rid, created = f"resp_{uuid.uuid4().hex[:24]}", int(time.time())
         shell = {"id": rid, "object": "response", "created_at": created, "model": gen.identifier,
                  "instructions": body.instructions, "previous_response_id": body.previous_response_id,
                  "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
-                 "parallel_tool_calls": bool(body.parallel_tool_calls), "temperature": body.temperature,
+                 "parallel_tool_calls": body.parallel_tool_calls is not False, "temperature": body.temperature,
                  "top_p": body.top_p, "max_output_tokens": body.max_output_tokens, "store": body.store,
                  "text": body.text or {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
                  "error": None, "incomplete_details": None, "usage": None}
@@ -245,8 +265,10 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                     "incomplete_details": {"reason": "max_output_tokens"} if cut else None, "usage": _usage(gen)}
 
         if not body.stream:
-            content, calls = await answers.collect(request, inference, gen, names)
-            output = ([_message_item(f"msg_{uuid.uuid4().hex[:24]}", content)] if content or not calls else []) + \
+            content, calls = await answers.collect(request, inference, gen, chat)
+            message = _message_item(f"msg_{uuid.uuid4().hex[:24]}", content, _text_status(gen) if not calls
+                                    else "completed")
+            output = ([message] if content or not calls else []) + \
                 [_call_item(c) for c in calls]
             return JSONResponse(final(output, content, calls))
 
@@ -256,24 +278,24 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
             def event(kind: str, **data: Any) -> str:
                 nonlocal seq
                 seq += 1
-                return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq, **data})}\n\n"
+                return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq - 1, **data})}\n\n"
 
             yield event("response.created", response={**shell, "status": "in_progress", "output": []})
             yield event("response.in_progress", response={**shell, "status": "in_progress", "output": []})
             output: list[dict[str, Any]] = []
             text, calls, msg_id = "", [], f"msg_{uuid.uuid4().hex[:24]}"
 
-            def close_message() -> list[str]:
-                item = _message_item(msg_id, text)
+            def close_message(status: str = "completed") -> list[str]:
+                item = _message_item(msg_id, text, status)
                 output.append(item)
                 where = {"item_id": msg_id, "output_index": len(output) - 1, "content_index": 0}
-                return [event("response.output_text.done", **where, text=text),
+                return [event("response.output_text.done", **where, text=text, logprobs=[]),
                         event("response.content_part.done", **where, part=item["content"][0]),
                         event("response.output_item.done", output_index=len(output) - 1, item=item)]
 
             open_message = False
             told = answers.Told()
-            async for piece in answers.stream(inference, gen, names, told, forced=bool(chat.forced)):
+            async for piece in answers.stream(inference, gen, chat, told):
                 if isinstance(piece, HttpError):
                     yield event("error", code=piece.code, message=piece.message, param=piece.param)
                     yield event("response.failed", response={
@@ -286,10 +308,11 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                         yield event("response.output_item.added", output_index=len(output),
                                     item=_message_item(msg_id, "", "in_progress"))
                         yield event("response.content_part.added", item_id=msg_id, output_index=len(output),
-                                    content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+                                    content_index=0, part={"type": "output_text", "text": "", "annotations": [],
+                                                           "logprobs": []})
                     text += piece
                     yield event("response.output_text.delta", item_id=msg_id, output_index=len(output),
-                                content_index=0, delta=piece)
+                                content_index=0, delta=piece, logprobs=[])
                     continue
                 if open_message:
                     open_message = False
@@ -315,8 +338,8 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                     yield event("response.output_item.added", output_index=0,
                                 item=_message_item(msg_id, "", "in_progress"))
                     yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": []})
-                for e in close_message():
+                                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                for e in close_message(_text_status(gen)):  # the answer's end: max_output_tokens may have cut it
                     yield e
             done = final(output, text, calls, told.cut)
             yield event("response.completed" if done["status"] == "completed" else "response.incomplete",

@@ -6,6 +6,7 @@ OpenAI-compatible servers do. Every rule here answers 400 with the offending fie
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -271,7 +272,7 @@ class FunctionDef(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: str = Field(pattern=FUNCTION_NAME)
-    description: str | None = Field(default=None, max_length=16 * 1024)
+    description: str | None = Field(default=None, max_length=64 * 1024)
     parameters: dict[str, Any] | None = None
 
     @field_validator("parameters")
@@ -284,7 +285,12 @@ class FunctionDef(BaseModel):
         if overriding:
             raise ValueError(f"must be an object schema at its top: {', '.join(overriding)} there could make the "
                              "arguments something else (put them inside `properties`)")
-        return _bounded_schema(v)
+        # Only its size here: the model reads the schema, nothing is built from it. A forced call's schemas become a
+        # grammar and have its bounds too (ChatRequest._tool_choice); an agent's tools (MCP servers' patterns, long
+        # strings, big counts) are fine as long as nothing forces a call of them.
+        if v is not None and len(json.dumps(v)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KB")
+        return v
 
 
 class Tool(BaseModel):

@@ -10,10 +10,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 
 from lmsd.http import anthropic, openai, responses
+from lmsd.http.errors import HttpError, error_response
 
 
 class Script:
@@ -25,9 +26,12 @@ class Script:
 
 
 class FakeInference:
-    async def start(self, _request: Any, _body: Any, _kind: str, _endpoint: str) -> Any:
+    chat: Any = None  # the chat request the last request became
+
+    async def start(self, _request: Any, body: Any, _kind: str, _endpoint: str) -> Any:
+        FakeInference.chat = body
         usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
-                 "prompt_tokens_details": {"cached_tokens": 0}}
+                 "prompt_tokens_details": {"cached_tokens": 3}}
         return SimpleNamespace(identifier="m", done={}, usage=lambda: usage)
 
     async def tokens(self, gen: Any) -> Any:
@@ -50,6 +54,11 @@ def http() -> TestClient:
     app.include_router(openai.router(fake, lambda: []))  # type: ignore[arg-type]
     app.include_router(anthropic.router(fake))  # type: ignore[arg-type]
     app.include_router(responses.router(fake))  # type: ignore[arg-type]
+
+    @app.exception_handler(HttpError)
+    async def _refused(request: Request, exc: HttpError) -> Response:  # as lmsd/http/server.py answers them
+        return error_response(exc, request.url.path)
+
     return TestClient(app)
 
 
@@ -128,3 +137,63 @@ def test_an_answer_nested_past_the_json_decoder_is_text_not_a_500(http: TestClie
     assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] == "[" * 3000
     got = ask(http, "[" * 3000, "length", forced=False)
     assert got["finish"] == ["length"] and got["arguments"] == {}
+
+
+def test_what_agents_keep_in_their_history_does_not_break_the_next_turn(http: TestClient) -> None:
+    """An agent's screenshot in a tool result, another model's thinking or reasoning, a function's output as parts,
+    a message and its calls as separate items: all go on, as text the model can read."""
+    Script.text, Script.finish = "ok", "stop"
+    shot = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}
+    r = http.post("/v1/messages", json={"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "Look at the screen."},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "x"},
+                                          {"type": "tool_use", "id": "t1", "name": "screenshot", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": [{"type": "text", "text": "the screen:"}, shot]}]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {"input_tokens": 2, "output_tokens": 7, "cache_read_input_tokens": 3,
+                                 "cache_creation_input_tokens": 0}  # Anthropic's meaning: the cache read apart
+    (result,) = [m for m in FakeInference.chat.messages if m.role == "tool"]
+    assert result.content == "the screen:\n[image omitted: this model reads text only]"
+    r = http.post("/v1/responses", json={"model": "m", "input": [
+        {"role": "user", "content": "List the files."},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Listing."}]},
+        {"type": "function_call", "call_id": "c1", "name": "ls", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_text", "text": "a.txt"}]}]})
+    assert r.status_code == 200, r.text
+    roles = [(m.role, m.content, len(m.tool_calls or [])) for m in FakeInference.chat.messages]
+    assert roles == [("user", "List the files.", 0), ("assistant", "Listing.", 1), ("tool", "a.txt", 0)]
+    for extra in ({"conversation": "conv_1"}, {"background": True}):
+        refused = http.post("/v1/responses", json={"model": "m", "input": "hi", **extra})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == next(iter(extra))
+
+
+def test_parallel_tool_calls_false_answers_only_the_first_call(http: TestClient) -> None:
+    Script.tool_format = "hermes"
+    two = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    try:
+        Script.text, Script.finish = two, "stop"
+        fns = [{"type": "function", "function": {"name": n}} for n in ("f", "g")]
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": fns}
+        calls = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["f", "g"]
+        one = http.post("/v1/chat/completions", json={**body, "parallel_tool_calls": False})
+        assert [c["function"]["name"] for c in one.json()["choices"][0]["message"]["tool_calls"]] == ["f"]
+        blocks = http.post("/v1/messages", json={
+            "model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": n, "input_schema": {}} for n in ("f", "g")],
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}).json()["content"]
+        assert [b["name"] for b in blocks if b["type"] == "tool_use"] == ["f"]
+    finally:
+        Script.tool_format = "generic"
+
+
+def test_a_responses_stream_counts_from_zero_and_marks_a_cut_message(http: TestClient) -> None:
+    Script.text, Script.finish = "Once upon a", "length"
+    got = events(http.post("/v1/responses", json={"model": "m", "input": "x", "stream": True}).text)
+    assert [e["sequence_number"] for e in got] == list(range(len(got)))
+    assert all(e["logprobs"] == [] for e in got if e["type"].startswith("response.output_text."))
+    final = got[-1]["response"]
+    assert got[-1]["type"] == "response.incomplete" and final["output"][0]["status"] == "incomplete"
+    assert final["output"][0]["content"][0]["text"] == "Once upon a"

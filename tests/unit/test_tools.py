@@ -109,7 +109,9 @@ def test_malformed_answers_stay_text(fmt: str, text: str) -> None:
 @given(st.sampled_from(tools.FAMILIES),
        st.lists(st.sampled_from(list('{}[]":,; \n<>|_abc') + [
            "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", '"name"', '"arguments"',
-           '"parameters"', '"search"', "```json", "```", '{"name": "search", "arguments": {}}']),
+           '"parameters"', '"search"', "```json", "```", '{"name": "search", "arguments": {}}',
+           "<function=", "search>", "<parameter=", "q>", "</parameter>", "</function>", "<arg_key>", "</arg_key>",
+           "<arg_value>", "</arg_value>", "<function>", "<tools>", "{{", "}}"]),
            max_size=30).map("".join))
 def test_parsing_never_raises_and_calls_are_well_formed(fmt: str, text: str) -> None:
     content, calls = tools.parse(text, fmt, NAMES)
@@ -459,3 +461,43 @@ def test_what_real_models_wrote_reads_as_it_was_judged_when_recorded(path: Path)
         rest, streamed = stream.finish(data["format"], names)
         assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
         assert (sent + rest).strip() == content.strip() if calls else sent + rest == text
+
+
+def test_an_agents_tools_are_taken_as_they_are_unless_a_call_of_them_is_forced() -> None:
+    """MCP servers' schemas carry what a grammar cannot be built from (zod's lookahead patterns, big counts, long
+    descriptions): offering them is fine — the model only reads them —, forcing a call of them is a 400."""
+    from pydantic import ValidationError
+
+    from lmsd.http.schemas import ChatRequest
+
+    mcp = {"type": "function", "function": {"name": "send_mail", "description": "Sends a mail. " * 1500,
+                                            "parameters": {"type": "object", "properties": {
+                                                "to": {"type": "string", "pattern": r"^(?!\.)[^@\s]+@[^@\s]+$"},
+                                                "body": {"type": "string", "maxLength": 100000},
+                                                "cc": {"type": "array", "items": {"type": "string"},
+                                                       "maxItems": 500}}}}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [mcp]}
+    for choice in (None, "auto", "none"):
+        ChatRequest.model_validate({**body, "tool_choice": choice})
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate({**body, "tool_choice": "required"})
+
+
+def test_calls_written_as_xml_read_with_their_schemas() -> None:
+    """Qwen3-Coder and GLM-4.5 templates carry <tool_call> but their models write XML inside it; a value is text
+    where the function's schema says string, else the JSON it spells."""
+    schemas = {"get_weather": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                                                "zip": {"type": "string"}}},
+               "search": None}
+    qwen3 = ("I'll check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+             "<parameter=days>\n3\n</parameter>\n<parameter=zip>\n10001\n</parameter>\n</function>\n</tool_call>")
+    content, calls = tools.parse(qwen3, "hermes", schemas)
+    assert content == "I'll check." and [(c.name, json.loads(c.arguments)) for c in calls] == \
+        [("get_weather", {"city": "New York", "days": 3, "zip": "10001"})]
+    glm = "<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>lms server</arg_value>\n</tool_call>"
+    assert [(c.name, json.loads(c.arguments)) for c in tools.parse(glm, "hermes", schemas)[1]] == \
+        [("search", {"q": "lms server"})]
+    cut = "<tool_call>\n<function=get_weather>\n<parameter=ci"  # cut short by max_tokens: text
+    assert tools.parse(cut, "hermes", schemas) == (cut, [])
+    unknown = "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>"
+    assert tools.parse(unknown, "hermes", schemas) == (unknown, [])
