@@ -300,13 +300,17 @@ def _xml_call(body: str, schemas: Mapping[str, Any]) -> list[ToolCall]:
     else:
         return []
     name = name.strip()
+    if key_open == "<parameter=" and "</function>" not in rest:
+        raise _NotACall(f"the call of {name} is cut short")
     props = (schemas.get(name) or {}).get("properties") or {}
     args: dict[str, Any] = {}
     while (start := rest.find(key_open)) >= 0:
         key, found, rest = rest[start + len(key_open):].partition(key_close)
         if not found:
             raise _NotACall(f"a parameter of {name} is cut short")
-        value, _, rest = rest.partition(value_close)
+        value, closed, rest = rest.partition(value_close)
+        if not closed:
+            raise _NotACall(f"a parameter of {name} is cut short")
         if key_open == "<arg_key>":
             value = value.strip().removeprefix("<arg_value>")
         args[key.strip()] = _typed(value.strip("\n"), props.get(key.strip()))

@@ -497,7 +497,10 @@ def test_calls_written_as_xml_read_with_their_schemas() -> None:
     glm = "<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>lms server</arg_value>\n</tool_call>"
     assert [(c.name, json.loads(c.arguments)) for c in tools.parse(glm, "hermes", schemas)[1]] == \
         [("search", {"q": "lms server"})]
-    cut = "<tool_call>\n<function=get_weather>\n<parameter=ci"  # cut short by max_tokens: text
-    assert tools.parse(cut, "hermes", schemas) == (cut, [])
+    for cut in ("<tool_call>\n<function=get_weather>\n<parameter=ci",  # cut short by max_tokens: text
+                "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
+                "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n",
+                "<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>lms"):
+        assert tools.parse(cut, "hermes", schemas) == (cut, [])
     unknown = "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>"
     assert tools.parse(unknown, "hermes", schemas) == (unknown, [])
