@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import Collection, Mapping
@@ -192,7 +193,11 @@ class ToolCall:
         return out if index is None else {"index": index, **out}
 
 
-_DECODER = json.JSONDecoder()
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: a client could not read the arguments back
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 _MISTRAL_NAMED = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.\-]+)\s*\[ARGS\]\s*")
 
 
@@ -205,6 +210,9 @@ def parse(text: str, fmt: str, names: Collection[str]) -> tuple[str, list[ToolCa
         content, calls = _parse(text, fmt, schemas)
     except (_NotACall, RecursionError) as exc:  # RecursionError: JSON nested past what the decoder follows
         log.info("the model's answer is text, not a tool call: %s", exc or "nested too deeply")
+        return text, []
+    except Exception:  # a reading of the model's output that breaks is a bug, never the client's 500
+        log.exception("reading the model's answer for tool calls failed: answered as text")
         return text, []
     if not calls:
         return text, []
@@ -235,17 +243,18 @@ class _NotACall(ValueError):
     pass
 
 
-def _hermes(text: str) -> tuple[str, list[str]]:
-    """The text outside `<tool_call>...</tool_call>` and the bodies inside (the last one may be unclosed: cut short
-    by max_tokens). Found with `find`, never a backtracking regex: an answer of whitespace costs linear time."""
+def _hermes(text: str) -> tuple[str, list[tuple[str, bool]]]:
+    """The text outside `<tool_call>...</tool_call>` and the bodies inside, each with whether it was closed (the
+    last one may not be: cut short by max_tokens). Found with `find`, never a backtracking regex: an answer of
+    whitespace costs linear time."""
     outside: list[str] = []
-    bodies: list[str] = []
+    bodies: list[tuple[str, bool]] = []
     pos = 0
     while (start := text.find("<tool_call>", pos)) >= 0:
         outside.append(text[pos:start])
         end = text.find("</tool_call>", start)
         stop = len(text) if end < 0 else end
-        bodies.append(text[start + len("<tool_call>") : stop])
+        bodies.append((text[start + len("<tool_call>") : stop], end >= 0))
         pos = len(text) if end < 0 else end + len("</tool_call>")
     outside.append(text[pos:])
     return "".join(outside), bodies
@@ -270,7 +279,8 @@ def _unfenced(body: str) -> str:
 def _parse(text: str, fmt: str, schemas: Mapping[str, Any]) -> tuple[str, list[ToolCall]]:
     if fmt == "hermes" and "<tool_call>" in text:
         outside, bodies = _hermes(text)
-        return outside.strip(), [c for body in bodies for c in _xml_call(body, schemas) or _calls_in(body)]
+        return outside.strip(), [c for body, closed in bodies for c in _xml_call(body, closed, schemas)
+                                 or _calls_in(body)]
     if fmt == "mistral" and "[TOOL_CALLS]" in text:
         before, _, after = text.partition("[TOOL_CALLS]")
         if _MISTRAL_NAMED.match("[TOOL_CALLS]" + after):
@@ -285,47 +295,109 @@ def _parse(text: str, fmt: str, schemas: Mapping[str, Any]) -> tuple[str, list[T
     return "", _calls_in(body)
 
 
-def _xml_call(body: str, schemas: Mapping[str, Any]) -> list[ToolCall]:
-    """A call written as XML inside <tool_call> — Qwen3-Coder's `<function=NAME><parameter=KEY>VALUE</parameter>
-    ...</function>`, GLM-4.5's `NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...` — or [] when the body is
-    not one. A value is text, or the JSON it spells where the function's schema does not make it a string."""
+def _xml_call(body: str, closed: bool, schemas: Mapping[str, Any]) -> list[ToolCall]:
+    """Calls written as XML inside <tool_call> — Qwen3-Coder's `<function=NAME><parameter=KEY>VALUE</parameter>
+    ...</function>` (several functions in one body are several calls), GLM-4.5's `NAME<arg_key>KEY</arg_key>
+    <arg_value>VALUE</arg_value>...` (whose end is only known from </tool_call>: `closed`) — or [] when the body is
+    not one. Nothing but white space may come between the tags; a value is text, or the JSON it spells where the
+    function's schema does not make it a string. Read by position, each character once."""
     body = body.strip()
     if body.startswith("<function="):
-        name, _, rest = body[len("<function="):].partition(">")
-        key_open, key_close, value_close = "<parameter=", ">", "</parameter>"
-    elif "<arg_key>" in body and not body.startswith(("{", "[")):
-        name, _, rest = body.partition("<arg_key>")
-        rest = "<arg_key>" + rest
-        key_open, key_close, value_close = "<arg_key>", "</arg_key>", "</arg_value>"
-    else:
-        return []
-    name = name.strip()
-    if key_open == "<parameter=" and "</function>" not in rest:
-        raise _NotACall(f"the call of {name} is cut short")
-    props = (schemas.get(name) or {}).get("properties") or {}
-    args: dict[str, Any] = {}
-    while (start := rest.find(key_open)) >= 0:
-        key, found, rest = rest[start + len(key_open):].partition(key_close)
-        if not found:
-            raise _NotACall(f"a parameter of {name} is cut short")
-        value, closed, rest = rest.partition(value_close)
+        calls, pos = [], 0
+        while pos < len(body):
+            if not body.startswith("<function=", pos):
+                raise _NotACall("text between the functions of a call")
+            name_end = body.find(">", pos)
+            end = body.find("</function>", pos)
+            if name_end < 0 or end < 0:
+                raise _NotACall("a function call cut short")
+            name = body[pos + len("<function=") : name_end].strip()
+            inside = body[name_end + 1 : end]
+            if "<parameter=" in inside:
+                args = _pairs(inside, "<parameter=", ">", "</parameter>", name, schemas)
+            else:  # JSON inside the tags (Llama 3.1's <function=NAME>{...}</function>), or nothing
+                args = _json_object(inside, name) if inside.strip() else {}
+            calls.append(_call(name, args))
+            pos = _skip_space(body, end + len("</function>"))
+        return calls
+    if "<arg_key>" in body and not body.startswith(("{", "[")):
         if not closed:
+            raise _NotACall("a call cut short (no </tool_call>)")
+        name, _, rest = body.partition("<arg_key>")
+        if not name.strip() or any(c in name for c in "<>{}"):
+            return []
+        return [_call(name.strip(), _pairs("<arg_key>" + rest, "<arg_key>", "</arg_key>", "</arg_value>",
+                                           name.strip(), schemas, value_open="<arg_value>"))]
+    return []
+
+
+def _pairs(text: str, key_open: str, key_close: str, value_close: str, name: str, schemas: Mapping[str, Any],
+           value_open: str = "") -> dict[str, Any]:
+    """The keys and values of an XML call, nothing but white space around them."""
+    schema = schemas.get(name)
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    props = props if isinstance(props, dict) else {}
+    args: dict[str, Any] = {}
+    pos = _skip_space(text, 0)
+    while pos < len(text):
+        if not text.startswith(key_open, pos):
+            raise _NotACall(f"text between the parameters of {name}")
+        key_end = text.find(key_close, pos)
+        if key_end < 0:
             raise _NotACall(f"a parameter of {name} is cut short")
-        if key_open == "<arg_key>":
-            value = value.strip().removeprefix("<arg_value>")
-        args[key.strip()] = _typed(value.strip("\n"), props.get(key.strip()))
-    return [_call(name, args)]
+        key = text[pos + len(key_open) : key_end].strip()
+        start = _skip_space(text, key_end + len(key_close)) if value_open else key_end + len(key_close)
+        if value_open:
+            if not text.startswith(value_open, start):
+                raise _NotACall(f"the parameter {key} of {name} has no value")
+            start += len(value_open)
+        end = text.find(value_close, start)
+        if end < 0:
+            raise _NotACall(f"a parameter of {name} is cut short")
+        args[key] = _typed(text[start:end].strip("\n"), props.get(key))
+        pos = _skip_space(text, end + len(value_close))
+    return args
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _json_object(text: str, name: str) -> Any:
+    try:
+        return _DECODER.decode(text.strip())
+    except ValueError:
+        raise _NotACall(f"the arguments of {name} are not JSON") from None
+
+
+def _is_text(schema: Any) -> bool:
+    """Whether a parameter's schema makes its value a string: `type` string (or among its types), or every branch
+    of anyOf / oneOf, an enum or a const being strings."""
+    if not isinstance(schema, dict):
+        return False
+    kind = schema.get("type")
+    if kind == "string" or (isinstance(kind, list) and "string" in kind):
+        return True
+    if isinstance(schema.get("enum"), list) and schema["enum"] and all(isinstance(v, str) for v in schema["enum"]):
+        return True
+    if isinstance(schema.get("const"), str):
+        return True
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    return isinstance(branches, list) and any(_is_text(b) for b in branches)
 
 
 def _typed(value: str, schema: Any) -> Any:
-    """A parameter written as text: itself where the schema says string, else the JSON it spells (if it does)."""
-    kinds = (schema or {}).get("type") if isinstance(schema, dict) else None
-    if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
+    """A parameter written as text: itself where the schema makes it a string, else the JSON it spells (if it
+    does)."""
+    if _is_text(schema):
         return value
     try:
-        return json.loads(value)
-    except ValueError:
+        decoded = _DECODER.decode(value)
+    except ValueError:  # not JSON (NaN and Infinity included): the text itself
         return value
+    return value if isinstance(decoded, float) and not math.isfinite(decoded) else decoded  # 1e999
 
 
 def _calls_in(text: str) -> list[ToolCall]:
@@ -417,12 +489,15 @@ def _defines(item: dict[str, Any]) -> bool:
 def _call(name: str, args: Any) -> ToolCall:
     if isinstance(args, str):  # arguments given as JSON text
         try:
-            args = json.loads(args) if args.strip() else {}
+            args = _DECODER.decode(args) if args.strip() else {}
         except ValueError:
             raise _NotACall(f"the arguments of {name} are not JSON") from None
     if not isinstance(args, dict):
         raise _NotACall(f"the arguments of {name} are not an object")
-    return ToolCall(name, json.dumps(args, ensure_ascii=False))
+    try:
+        return ToolCall(name, json.dumps(args, ensure_ascii=False, allow_nan=False))
+    except ValueError:  # a number too big for a float (1e999) became infinity
+        raise _NotACall(f"the arguments of {name} hold a number JSON cannot carry") from None
 
 
 # ---------------------------------------------------------------- streaming

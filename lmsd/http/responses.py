@@ -121,7 +121,7 @@ def to_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     for n, item in enumerate(items):
         kind = item.get("type", "message")
         param = f"input.{n}"
-        if kind in ("reasoning", "item_reference"):  # another model's reasoning, or a stored item: not ours
+        if kind == "reasoning":  # another model's reasoning: not for this one
             continue
         if kind == "message":
             role = item.get("role")
@@ -248,10 +248,12 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
         chat, conversation = to_chat(body, history)
         gen = await inference.start(request, chat, "chat", "/v1/responses")
         rid, created = f"resp_{uuid.uuid4().hex[:24]}", int(time.time())
+        # As the answer is made: a forced call is one unless asked for several; otherwise several unless refused.
+        parallel = bool(chat.parallel_tool_calls) if chat.forced else chat.parallel_tool_calls is not False
         shell = {"id": rid, "object": "response", "created_at": created, "model": gen.identifier,
                  "instructions": body.instructions, "previous_response_id": body.previous_response_id,
                  "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
-                 "parallel_tool_calls": body.parallel_tool_calls is not False, "temperature": body.temperature,
+                 "parallel_tool_calls": parallel, "temperature": body.temperature,
                  "top_p": body.top_p, "max_output_tokens": body.max_output_tokens, "store": body.store,
                  "text": body.text or {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
                  "error": None, "incomplete_details": None, "usage": None}

@@ -241,8 +241,6 @@ def check_schema(schema: Any, depth: int = 0) -> None:
 
 def _bounded_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
     """A JSON schema a grammar can be built from: at most MAX_SCHEMA_BYTES, bounded (check_schema)."""
-    import json
-
     if schema is not None:
         if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
             raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KB")
@@ -383,11 +381,9 @@ class ChatMessage(BaseModel):
 
 def _arguments(function: CalledFunction) -> Any:
     """A call's arguments as an object, as templates render them (`| tojson`); text that is not JSON stays text."""
-    import json
-
     try:
         return json.loads(function.arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         return function.arguments
 
 

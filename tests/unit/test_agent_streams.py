@@ -164,6 +164,8 @@ def test_what_agents_keep_in_their_history_does_not_break_the_next_turn(http: Te
     assert r.status_code == 200, r.text
     roles = [(m.role, m.content, len(m.tool_calls or [])) for m in FakeInference.chat.messages]
     assert roles == [("user", "List the files.", 0), ("assistant", "Listing.", 1), ("tool", "a.txt", 0)]
+    reference = http.post("/v1/responses", json={"model": "m", "input": [{"type": "item_reference", "id": "fc_1"}]})
+    assert reference.status_code == 400 and "item_reference" in reference.text  # not resolvable here: said so
     for extra in ({"conversation": "conv_1"}, {"background": True}):
         refused = http.post("/v1/responses", json={"model": "m", "input": "hi", **extra})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == next(iter(extra))
@@ -196,4 +198,5 @@ def test_a_responses_stream_counts_from_zero_and_marks_a_cut_message(http: TestC
     assert all(e["logprobs"] == [] for e in got if e["type"].startswith("response.output_text."))
     final = got[-1]["response"]
     assert got[-1]["type"] == "response.incomplete" and final["output"][0]["status"] == "incomplete"
+    assert final["parallel_tool_calls"] is True  # OpenAI's default, when nothing is forced
     assert final["output"][0]["content"][0]["text"] == "Once upon a"

@@ -504,3 +504,32 @@ def test_calls_written_as_xml_read_with_their_schemas() -> None:
         assert tools.parse(cut, "hermes", schemas) == (cut, [])
     unknown = "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>"
     assert tools.parse(unknown, "hermes", schemas) == (unknown, [])
+    two = ("<tool_call><function=get_weather><parameter=city>Oslo</parameter></function>\n"
+           "<function=search><parameter=q>x</parameter></function></tool_call>")
+    assert [(c.name, json.loads(c.arguments)) for c in tools.parse(two, "hermes", schemas)[1]] == \
+        [("get_weather", {"city": "Oslo"}), ("search", {"q": "x"})]  # two functions, two calls: never merged
+    sneaky = two.replace("<function=search>", "<function=rm_rf>")
+    assert tools.parse(sneaky, "hermes", schemas) == (sneaky, [])  # one of them not offered: all text
+    json_inside = '<tool_call><function=search>{"q": "x"}</function></tool_call>'  # Llama 3.1's style
+    assert [json.loads(c.arguments) for c in tools.parse(json_inside, "hermes", schemas)[1]] == [{"q": "x"}]
+    for bad in ["<tool_call><function=search>not json</function></tool_call>",
+                "<tool_call><function=search>blah<parameter=q>x</parameter>junk</function></tool_call>",
+                '<tool_call>{"name": "search", "arguments": {"n": NaN}}</tool_call>',  # JSON no client can read
+                '<tool_call>{"name": "search", "arguments": {"n": 1e999}}</tool_call>',
+                "<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>x</arg_value>",  # no </tool_call>: cut short
+                "<tool_call>search\n<arg_key>q</arg_key><arg_value>x</arg_value>\nrm_rf<arg_key>p</arg_key>"
+                "<arg_value>/</arg_value></tool_call>"]:
+        assert tools.parse(bad, "hermes", schemas) == (bad, []), bad
+    numbers = "<tool_call><function=search><parameter=n>NaN</parameter><parameter=m>1e999</parameter></function>" \
+              "</tool_call>"  # not numbers JSON can carry: their text
+    assert json.loads(tools.parse(numbers, "hermes", schemas)[1][0].arguments) == {"n": "NaN", "m": "1e999"}
+    # A schema whose properties are not an object (taken as offered) does not break the reading.
+    odd = {"search": {"type": "object", "properties": ["q"]}}
+    one = "<tool_call><function=search><parameter=q>x</parameter></function></tool_call>"
+    assert [json.loads(c.arguments) for c in tools.parse(one, "hermes", odd)[1]] == [{"q": "x"}]
+    # A string parameter defined by anyOf, enum or const stays text.
+    typed = {"f": {"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                                                     "b": {"enum": ["1", "2"]}, "c": {"type": "number"}}}}
+    call = "<tool_call><function=f><parameter=a>123</parameter><parameter=b>1</parameter>" \
+           "<parameter=c>2.5</parameter></function></tool_call>"
+    assert json.loads(tools.parse(call, "hermes", typed)[1][0].arguments) == {"a": "123", "b": "1", "c": 2.5}
