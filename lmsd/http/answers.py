@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 
@@ -28,11 +29,16 @@ async def collect(request: Request, inference: Inference, gen: Generation,
                   chat: ChatRequest) -> tuple[str, list[tools.ToolCall]]:
     """The whole answer: its text, and the calls it makes when the request offered functions."""
     text = await inference.collect(request, gen)
-    names = {f.name: f.parameters for f in chat.functions}  # with their schemas
+    names = _offered(chat)
     if not names:
         return text, []
     content, calls = tools.parse(text, gen.done.get("tool_format", "generic"), names)
     return content, _allowed(calls, chat)
+
+
+def _offered(chat: ChatRequest) -> dict[str, Any]:
+    """The functions the answer may call, by name, with their parameters' schemas (they type XML calls' values)."""
+    return {f.name: f.parameters for f in chat.functions}
 
 
 def _allowed(calls: list[tools.ToolCall], chat: ChatRequest) -> list[tools.ToolCall]:
@@ -55,7 +61,7 @@ class Told:
 async def stream(inference: Inference, gen: Generation, chat: ChatRequest,
                  told: Told) -> AsyncIterator[str | tools.CallPart | HttpError]:
     """The answer as it comes: text pieces and the parts of its calls; an HttpError ends it. A forced call
-    (`forced`: the grammar makes the answer one) streams its arguments as they are decoded; a call the model chose
+    (`chat.forced`: the grammar makes the answer one) streams its arguments as they are decoded; a call the model chose
     to make is held until it is complete and checked, so that malformed output is still sent as text."""
     async for part in _parts(inference, gen, chat, told):
         if isinstance(part, tools.CallPart) and part.last:
@@ -66,7 +72,7 @@ async def stream(inference: Inference, gen: Generation, chat: ChatRequest,
 
 async def _parts(inference: Inference, gen: Generation, chat: ChatRequest,
                  told: Told) -> AsyncIterator[str | tools.CallPart | HttpError]:
-    names = {f.name: f.parameters for f in chat.functions}  # with their schemas
+    names = _offered(chat)
     if chat.forced:
         reader = tools.ForcedStream()
         async for piece in inference.tokens(gen):

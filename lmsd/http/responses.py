@@ -205,16 +205,23 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict[st
     """The answer's text as an output item (`incomplete` when max_output_tokens cut it; no content yet while
     `in_progress`)."""
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [] if status == "in_progress" else [{"type": "output_text", "text": text, "annotations": [],
-                                                            "logprobs": []}]}
+            "content": [] if status == "in_progress" else [_text_part(text)]}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def _text_status(gen: Generation) -> str:
     return "incomplete" if gen.done.get("finish_reason") == "length" else "completed"
 
 
+def _item_id(call: tools.ToolCall) -> str:
+    return f"fc_{call.id.removeprefix('call_')}"
+
+
 def _call_item(call: tools.ToolCall, status: str = "completed") -> dict[str, Any]:
-    return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
+    return {"type": "function_call", "id": _item_id(call), "call_id": call.id,
             "name": call.name, "arguments": call.arguments if status != "in_progress" else "", "status": status}
 
 
@@ -310,8 +317,7 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                         yield event("response.output_item.added", output_index=len(output),
                                     item=_message_item(msg_id, "", "in_progress"))
                         yield event("response.content_part.added", item_id=msg_id, output_index=len(output),
-                                    content_index=0, part={"type": "output_text", "text": "", "annotations": [],
-                                                           "logprobs": []})
+                                    content_index=0, part=_text_part(""))
                     text += piece
                     yield event("response.output_text.delta", item_id=msg_id, output_index=len(output),
                                 content_index=0, delta=piece, logprobs=[])
@@ -321,7 +327,7 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                     for e in close_message():
                         yield e
                 call, index = piece.call, len(output)
-                item_id = _call_item(call)["id"]
+                item_id = _item_id(call)
                 if piece.first:
                     yield event("response.output_item.added", output_index=index, item=_call_item(call, "in_progress"))
                 elif piece.delta:
@@ -340,7 +346,7 @@ def router(inference: Inference, store: Store | None = None) -> APIRouter:
                     yield event("response.output_item.added", output_index=0,
                                 item=_message_item(msg_id, "", "in_progress"))
                     yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                                part=_text_part(""))
                 for e in close_message(_text_status(gen)):  # the answer's end: max_output_tokens may have cut it
                     yield e
             done = final(output, text, calls, told.cut)

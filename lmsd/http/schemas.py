@@ -239,11 +239,16 @@ def check_schema(schema: Any, depth: int = 0) -> None:
             check_schema(item, depth + 1)
 
 
+def _sized(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON schema of at most MAX_SCHEMA_BYTES."""
+    if schema is not None and len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KB")
+    return schema
+
+
 def _bounded_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
     """A JSON schema a grammar can be built from: at most MAX_SCHEMA_BYTES, bounded (check_schema)."""
-    if schema is not None:
-        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
-            raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KB")
+    if _sized(schema) is not None:
         check_schema(schema)
     return schema
 
@@ -286,9 +291,7 @@ class FunctionDef(BaseModel):
         # Only its size here: the model reads the schema, nothing is built from it. A forced call's schemas become a
         # grammar and have its bounds too (ChatRequest._tool_choice); an agent's tools (MCP servers' patterns, long
         # strings, big counts) are fine as long as nothing forces a call of them.
-        if v is not None and len(json.dumps(v)) > MAX_SCHEMA_BYTES:
-            raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KB")
-        return v
+        return _sized(v)
 
 
 class Tool(BaseModel):
