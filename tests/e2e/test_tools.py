@@ -295,3 +295,34 @@ def test_lms_log_stream_names_the_agent_endpoints(server: Server) -> None:
     assert [(e["endpoint"], e["status"]) for e in events[:2]] == [("/v1/responses", "ok"), ("/v1/messages", "ok")]
     assert events[2]["endpoint"] == "/v1/messages" and "'image' are not supported" in events[2]["status"]
     assert events[0]["identifier"] == "alpha" and events[0]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/messages", {"max_tokens": 3000}),
+    ("/v1/responses", {"max_output_tokens": 3000}),
+])
+def test_a_client_leaving_an_agent_stream_stops_the_generation(server: Server, path: str, body: dict) -> None:
+    """An agent closed mid-answer (Ctrl-C in Claude Code, a dropped connection): the worker stops within a few
+    tokens and the instance serves the next request, on each agent endpoint."""
+    import re
+
+    from tests.conftest import wait_until
+
+    count = "Count from 1 to 2000, one number per line, and nothing else."
+    prompt = ({"messages": [{"role": "user", "content": count}]} if path == "/v1/messages"
+              else {"input": count, "temperature": 0})
+    received = 0
+    with server.client() as c, c.stream("POST", path, json={"model": SMOLLM2_KEY, "stream": True, **prompt,
+                                                            **body}) as r:
+        for line in r.iter_lines():
+            received += line.startswith("data: ") and "delta" in line
+            if received == 5:
+                break
+    wait_until(lambda: server.loaded()[0]["status"] == "idle", timeout=5, what="the instance to be idle")
+    logged = (server.home.root / "logs" / "lmsd.log").read_text()
+    line = re.search(rf"request {re.escape(path)} {SMOLLM2_KEY}: client disconnected, \d+ in / (\d+) out", logged)
+    assert line and int(line.group(1)) < 60, logged[-2000:]  # stopped within a few tokens, not 3000
+    with server.client() as c:
+        assert c.post(path, json={"model": SMOLLM2_KEY, **prompt, **body, "stream": False,
+                                  "max_tokens" if path == "/v1/messages" else "max_output_tokens": 4}
+                      ).status_code == 200
